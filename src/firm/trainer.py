@@ -1,0 +1,346 @@
+"""The local FIRM update: one client, one round (read top to bottom).
+
+1. Rollout: sample prompts from the client's shard, render them with the chat template,
+   generate with sampling (KV cache on), and keep per-token log-probs of the current policy and
+   of the reference (the same model with the LoRA adapter disabled), plus the critic's values.
+2. Rewards: score every response with each of the M reward models, normalise each objective's
+   scores with a running mean/std, add a per-token KL penalty, and run GAE per objective.
+3. PPO epochs over minibatches. Each minibatch does ONE forward pass, builds the M clipped
+   surrogate losses (one shared probability ratio, objective-specific advantages), takes the
+   per-objective LoRA gradients g_m from that one graph, forms the Gram matrix
+   G_ij = g_i . g_j, solves lambda = argmin_simplex l^T (G/trG) l + beta ||l - p||^2 and steps
+   along sum_m lambda_m g_m (plus the critic's own gradient). Non-finite or all-zero gradients
+   skip the step and are counted.
+
+Tricks, named: left padding with explicit position ids; log-probs from the tempered
+distribution that was sampled; reward whitening per objective (running stats); advantage
+whitening per objective; clipped value loss on a detached-feature critic; gradient-norm
+clipping of the combined direction; KL penalty at every token, score at the last token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from firm.config import FirmConfig
+from firm.mgda import cosine_similarity_matrix, solve_weights
+from firm.models import MultiObjectiveValueHead, lora_parameters
+from firm.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMeanStd,
+    clipped_surrogate_losses,
+    clipped_value_loss,
+    compute_rewards,
+    gae,
+    masked_mean,
+    per_token_kl,
+    whiten,
+)
+from firm.prompts import Prompt
+from firm.rewards import RewardModel
+
+
+@dataclass
+class Rollout:
+    """One PPO batch. Sequences are query (left-padded) followed by response (right-padded)."""
+
+    input_ids: torch.Tensor  # [B, P + T]
+    attention_mask: torch.Tensor  # [B, P + T]
+    response_mask: torch.Tensor  # [B, T] float, 1 up to and including EOS
+    logprobs: torch.Tensor  # [B, T] behaviour policy
+    ref_logprobs: torch.Tensor  # [B, T] reference policy (adapter disabled)
+    values: torch.Tensor  # [B, T, M]
+    scores: torch.Tensor  # [B, M] raw reward-model scores
+    prompts: list[Prompt]
+    responses: list[str]
+
+    @property
+    def response_length(self) -> int:
+        return self.response_mask.shape[1]
+
+
+@dataclass
+class RoundStats:
+    """What one client reports for one round."""
+
+    scores: list[torch.Tensor] = field(default_factory=list)  # raw [B, M] per rollout
+    kl_per_sequence: list[torch.Tensor] = field(default_factory=list)
+    response_tokens: list[torch.Tensor] = field(default_factory=list)
+    lambdas: list[np.ndarray] = field(default_factory=list)
+    cosines: list[np.ndarray] = field(default_factory=list)
+    policy_losses: list[float] = field(default_factory=list)
+    value_losses: list[float] = field(default_factory=list)
+    approx_kls: list[float] = field(default_factory=list)
+    clipfracs: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    steps: int = 0
+    num_examples: int = 0
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for every token up to and including the first EOS, 0 after it."""
+    is_eos = response_ids == eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~after_eos).float()
+
+
+def policy_forward(model, input_ids, attention_mask, response_length: int, temperature: float):
+    """Per-token log-probs of the response tokens and the hidden states that predicted them."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=True,
+        use_cache=False,
+        logits_to_keep=response_length + 1,
+    )
+    logits = out.logits[:, :-1, :] / temperature
+    targets = input_ids[:, -response_length:]
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    hidden = out.hidden_states[-1][:, -response_length - 1 : -1, :]
+    return logprobs, hidden
+
+
+@dataclass
+class Generation:
+    input_ids: torch.Tensor  # [B, P + T] query (left-padded) + response
+    attention_mask: torch.Tensor  # [B, P + T]
+    response_mask: torch.Tensor  # [B, T]
+    responses: list[str]
+
+
+@torch.no_grad()
+def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig) -> Generation:
+    """Render prompts with the chat template and sample responses (KV cache on)."""
+    texts = [tokenizer.apply_chat_template(p.chat_messages(), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_tokens,
+                    add_special_tokens=False)
+    policy.eval()
+    generated = policy.generate(
+        input_ids=enc.input_ids,
+        attention_mask=enc.attention_mask,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,  # sample from the full distribution the log-probs describe
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    response_ids = generated[:, enc.input_ids.shape[1]:]
+    response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
+    lengths = response_mask.sum(-1).long()
+    responses = [tokenizer.decode(ids[:n], skip_special_tokens=True).strip() for ids, n in zip(response_ids, lengths)]
+    return Generation(generated, attention_mask, response_mask, responses)
+
+
+def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str]) -> torch.Tensor:
+    """[B, M] raw scores, one column per reward model."""
+    return torch.stack([r.score(list(prompts), responses).float() for r in rewards], dim=-1)
+
+
+class FirmLocalTrainer:
+    """Holds one client's model, critic, reward models and optimiser state for a round."""
+
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        value_head: MultiObjectiveValueHead,
+        rewards: Sequence[RewardModel],
+        config: FirmConfig,
+        reward_stats: RunningMeanStd | None = None,
+        kl_controller: AdaptiveKLController | FixedKLController | None = None,
+    ):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.value_head = value_head
+        self.rewards = list(rewards)
+        self.config = config
+        self.num_objectives = len(self.rewards)
+        self.preference = np.asarray(config.preference_vector(), dtype=np.float64)
+        self.lora_params = list(lora_parameters(policy).values())
+        if not self.lora_params:
+            raise ValueError("the policy has no trainable LoRA parameters")
+        self.reward_stats = reward_stats or RunningMeanStd(self.num_objectives)
+        if kl_controller is None:
+            kl_controller = (
+                AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                if config.adaptive_kl
+                else FixedKLController(config.kl_coef)
+            )
+        self.kl_controller = kl_controller
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.lora_params}, {"params": list(value_head.parameters())}],
+            lr=config.learning_rate,
+        )
+        if config.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- 1. rollout ----------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[Prompt]) -> Rollout:
+        cfg = self.config
+        gen = generate(self.policy, self.tokenizer, prompts, cfg)
+        T = gen.response_mask.shape[1]
+        logprobs, hidden = policy_forward(self.policy, gen.input_ids, gen.attention_mask, T, cfg.temperature)
+        values = self.value_head(hidden)
+        with self.policy.disable_adapter():
+            ref_logprobs, _ = policy_forward(self.policy, gen.input_ids, gen.attention_mask, T, cfg.temperature)
+        scores = score_responses(self.rewards, prompts, gen.responses)
+        return Rollout(gen.input_ids, gen.attention_mask, gen.response_mask, logprobs, ref_logprobs, values, scores,
+                       list(prompts), gen.responses)
+
+    # ---- 2. rewards and advantages -------------------------------------------------------
+    def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        scores = rollout.scores
+        if not torch.isfinite(scores).all():
+            raise FloatingPointError(f"a reward model returned non-finite scores: {scores.tolist()}")
+        if cfg.normalize_rewards:
+            self.reward_stats.update(scores)
+            scores = self.reward_stats.normalize(scores)
+        kl = per_token_kl(rollout.logprobs, rollout.ref_logprobs)
+        rewards = compute_rewards(scores, kl, rollout.response_mask, self.kl_controller.value)
+        advantages, returns = gae(rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.gae_lambda)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, rollout.response_mask)
+        return advantages, returns, kl
+
+    # ---- 3. the FIRM step -----------------------------------------------------------------
+    def objective_weights(self, gram: np.ndarray) -> np.ndarray:
+        if self.config.algorithm == "linear":
+            return self.preference.copy()
+        return solve_weights(gram, beta=self.config.effective_beta(), preference=self.preference)
+
+    def firm_step(self, rollout: Rollout, idx: torch.Tensor, advantages, returns, stats: RoundStats) -> None:
+        cfg = self.config
+        mask = rollout.response_mask[idx]
+        self.policy.train()
+        logprobs, hidden = policy_forward(self.policy, rollout.input_ids[idx], rollout.attention_mask[idx],
+                                          rollout.response_length, cfg.temperature)
+        losses, pg_stats = clipped_surrogate_losses(logprobs, rollout.logprobs[idx], advantages[idx], mask,
+                                                    cfg.clip_range)
+        # Per-objective gradients from the one graph (M backward passes, one forward).
+        per_objective = []
+        for m in range(self.num_objectives):
+            grads = torch.autograd.grad(losses[m], self.lora_params, retain_graph=m < self.num_objectives - 1,
+                                        allow_unused=True)
+            per_objective.append(torch.cat([
+                (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.lora_params)
+            ]))
+        flat = torch.stack(per_objective).double()  # [M, D]
+        values = self.value_head(hidden)
+        value_loss, _ = clipped_value_loss(values, rollout.values[idx], returns[idx], mask, cfg.clip_range_value)
+
+        if not (torch.isfinite(flat).all() and torch.isfinite(value_loss)) or not flat.abs().sum() > 0:
+            stats.skipped_steps += 1  # never apply a non-finite or empty direction
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        gram = (flat @ flat.T).numpy()
+        weights = self.objective_weights(gram)
+        direction = torch.from_numpy(weights) @ flat  # sum_m lambda_m g_m
+        offset = 0
+        for p in self.lora_params:
+            n = p.numel()
+            p.grad = direction[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+        (cfg.value_coef * value_loss).backward()  # the critic's gradient (head only)
+        torch.nn.utils.clip_grad_norm_(self.lora_params + list(self.value_head.parameters()), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        stats.steps += 1
+        stats.lambdas.append(weights)
+        cos = cosine_similarity_matrix(gram)
+        stats.cosines.append(cos[np.triu_indices(self.num_objectives, k=1)])
+        stats.policy_losses.append(float(torch.dot(torch.from_numpy(weights).float(), losses.detach().float())))
+        stats.value_losses.append(float(value_loss.detach()))
+        stats.approx_kls.append(float(pg_stats["approx_kl"]))
+        stats.clipfracs.append(float(pg_stats["clipfrac"].mean()))
+
+    # ---- one round --------------------------------------------------------------------------
+    def train_round(self, shard: Sequence[Prompt], rng: random.Random) -> RoundStats:
+        cfg = self.config
+        stats = RoundStats()
+        for _ in range(cfg.rollouts_per_round):
+            batch = rng.sample(list(shard), k=min(cfg.rollout_batch_size, len(shard)))
+            rollout = self.rollout(batch)
+            advantages, returns, kl = self.advantages(rollout)
+            stats.scores.append(rollout.scores)
+            seq_kl = (kl * rollout.response_mask).sum(-1)
+            stats.kl_per_sequence.append(seq_kl)
+            stats.response_tokens.append(rollout.response_mask.sum(-1))
+            stats.num_examples += len(batch)
+            stats.samples.extend(zip([p.text for p in batch], rollout.responses))
+            n = len(batch)
+            minibatch = max(1, n // cfg.num_minibatches)
+            generator = torch.Generator().manual_seed(rng.randrange(2**31))
+            for _epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(n, generator=generator)
+                for start in range(0, n - minibatch + 1, minibatch):
+                    self.firm_step(rollout, order[start : start + minibatch], advantages, returns, stats)
+            self.kl_controller.update(float(seq_kl.mean()), n)
+        return stats
+
+
+def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float | list[float]]:
+    """Flatten a round's stats into the per-client metrics that go into Flower's MetricRecord.
+
+    Every key is present whatever happened (Flower requires identical keys across replies);
+    values that have no meaning in a round where every step was skipped are NaN-free: lambda
+    falls back to the preference-free uniform vector and is flagged by skipped_steps.
+    """
+    M = len(reward_names)
+    scores = torch.cat(stats.scores).double()
+    metrics: dict[str, float | list[float]] = {}
+    for m, name in enumerate(reward_names):
+        metrics[f"reward/{name}"] = float(scores[:, m].mean())
+    metrics["kl"] = float(torch.cat(stats.kl_per_sequence).mean())
+    metrics["response_tokens"] = float(torch.cat(stats.response_tokens).mean())
+    if stats.lambdas:
+        lam = np.stack(stats.lambdas)
+        metrics["lambda_mean"] = lam.mean(0).tolist()
+        metrics["lambda_last"] = lam[-1].tolist()
+        metrics["grad_cosine"] = np.stack(stats.cosines).mean(0).tolist()
+        metrics["policy_loss"] = float(np.mean(stats.policy_losses))
+        metrics["value_loss"] = float(np.mean(stats.value_losses))
+        metrics["approx_kl"] = float(np.mean(stats.approx_kls))
+        metrics["clipfrac"] = float(np.mean(stats.clipfracs))
+    else:
+        uniform = [1.0 / M] * M
+        metrics["lambda_mean"] = uniform
+        metrics["lambda_last"] = uniform
+        metrics["grad_cosine"] = [0.0] * (M * (M - 1) // 2)
+        metrics["policy_loss"] = metrics["value_loss"] = metrics["approx_kl"] = metrics["clipfrac"] = 0.0
+    metrics["steps"] = stats.steps
+    metrics["skipped_steps"] = stats.skipped_steps
+    metrics["num-examples"] = stats.num_examples
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"client metric {key} is not finite: {value}")
+    return metrics
+
+
+def seconds(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
