@@ -61,11 +61,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
 
 
-@pytest.fixture
-def tiny_llama_config(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    """A 2-layer, 32-wide Llama whose vocabulary matches `tiny_tokenizer`."""
+def build_tiny_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """A 2-layer, 32-wide Llama whose vocabulary matches `tokenizer`."""
     return LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -73,7 +72,27 @@ def tiny_llama_config(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
+
+
+@pytest.fixture
+def tiny_llama_config(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    return build_tiny_llama_config(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> str:
+    """A tiny random Llama chat model saved like a hub checkpoint (config, weights, tokenizer)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_llama_config(tokenizer)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-policy")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
