@@ -49,8 +49,11 @@ class FirmConfig:
     dtype: str = "float32"
     """dtype of the base model (float32 on CPU)"""
     lora_r: int = 16
+    """LoRA rank (the paper: 16)"""
     lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)"""
     lora_dropout: float = 0.0
+    """dropout on the LoRA input (0 keeps rollout and update log-probs consistent)"""
     lora_target_modules: str = "q_proj,v_proj"
     """comma-separated module names that get LoRA adapters"""
     gradient_checkpointing: bool = False
@@ -68,30 +71,43 @@ class FirmConfig:
     rollouts_per_round: int = 1
     """PPO batches each client collects and trains on per round"""
     max_new_tokens: int = 32
+    """length limit of sampled responses"""
     temperature: float = 0.8
     """sampling temperature; log-probs are computed from the same tempered distribution"""
     top_p: float = 1.0
+    """nucleus sampling (1.0 = the full distribution, which PPO's log-probs assume)"""
 
     # --- PPO -------------------------------------------------------------------------------
     ppo_epochs: int = 2
     """passes over each rollout batch (the paper: 3)"""
     num_minibatches: int = 2
+    """minibatches per PPO epoch; each is one FIRM step (one forward, M gradients, one update)"""
     learning_rate: float = 3e-4
+    """AdamW step size for LoRA and the value head"""
     max_grad_norm: float = 1.0
+    """clip the norm of the combined update direction"""
     clip_range: float = 0.2
+    """PPO ratio clip epsilon"""
     clip_range_value: float = 0.2
+    """value-function clip epsilon"""
     value_coef: float = 0.5
+    """weight of the value loss (it trains the value head only)"""
     gamma: float = 1.0
+    """discount over response tokens"""
     gae_lambda: float = 0.95
+    """GAE lambda"""
     kl_coef: float = 0.05
     """per-token KL penalty against the reference (the base model, adapter disabled)"""
     adaptive_kl: bool = False
     """adapt kl_coef towards kl_target (Ziegler et al., 2019)"""
     kl_target: float = 6.0
+    """target KL (nats per response) of the adaptive controller"""
     kl_horizon: int = 10000
+    """horizon (in samples) of the adaptive controller"""
     normalize_rewards: bool = True
     """running mean/std normalisation of each objective's score before advantages"""
     whiten_advantages: bool = True
+    """normalise each objective's advantages to mean 0, std 1 per batch"""
 
     # --- objectives and FIRM ---------------------------------------------------------------
     rewards: str = "embedded:helpful,embedded:harmless"
@@ -103,8 +119,7 @@ class FirmConfig:
 
     # --- output ----------------------------------------------------------------------------
     sample_responses: int = 0
-    """prompt/response pairs each client sends per round for metrics.jsonl (off by default:
-    prompts are the clients' private data)"""
+    """prompt/response pairs each client sends per round into metrics.jsonl (off: prompts are private)"""
 
     # ---------------------------------------------------------------------------------------
     def reward_specs(self) -> list[str]:
@@ -245,6 +260,15 @@ def parse_overrides(text: str) -> dict[str, str]:
     return result
 
 
+def config_reference_markdown() -> str:
+    """The README's configuration table, generated from the fields (a test keeps them equal)."""
+    helps = field_help()
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(FirmConfig):
+        rows.append(f"| `--{f.name.replace('_', '-')}` | `{f.default!r}` | {helps.get(f.name, '')} |")
+    return "\n".join(rows) + "\n"
+
+
 def field_help() -> dict[str, str]:
     """Docstrings of the fields (the string literal under each), for --help and the README."""
     import ast
@@ -260,4 +284,5 @@ def field_help() -> dict[str, str]:
     return docs
 
 
-__all__ = ["FirmConfig", "ConfigError", "PRESETS", "build_config", "parse_overrides", "field_help", "coerce"]
+__all__ = ["FirmConfig", "ConfigError", "PRESETS", "build_config", "parse_overrides", "field_help", "coerce",
+           "config_reference_markdown"]

@@ -119,7 +119,7 @@ class FirmFedAvg(FedAvg):
         for msg, adapter, distance in zip(valid, client_arrays, distances):
             metric = dict(next(iter(msg.content.metric_records.values())))
             lambdas.append(metric["lambda_mean"])
-            client_records.append({
+            record = {
                 "type": "client",
                 "round": firm_round,
                 "node_id": int(msg.metadata.src_node_id),
@@ -127,7 +127,12 @@ class FirmFedAvg(FedAvg):
                 "bytes_down": self._bytes_down,
                 "bytes_up": arrayrecord_bytes(adapter),
                 "adapter_distance": distance,
-            })
+            }
+            if "samples" in msg.content.config_records:  # opt-in (--sample-responses)
+                samples = msg.content.config_records["samples"]
+                record["samples"] = [{"prompt": p, "response": r}
+                                     for p, r in zip(samples["prompts"], samples["responses"])]
+            client_records.append(record)
         lam = np.asarray(lambdas, dtype=np.float64)
         round_record = {
             "type": "round",

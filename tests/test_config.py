@@ -1,0 +1,46 @@
+"""Settings: one source of truth, presets, coercion and the README's generated table."""
+
+from pathlib import Path
+
+import pytest
+
+from firm.config import PRESETS, ConfigError, FirmConfig, build_config, config_reference_markdown, parse_overrides
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_configuration_table_is_generated_from_the_config():
+    text = README.read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    table = text[text.index(start) + len(start): text.index(end)]
+    assert table == config_reference_markdown(), "README table is stale: regenerate it with scripts/update_readme.py"
+
+
+def test_every_preset_builds_and_validates():
+    for name in PRESETS:
+        assert isinstance(build_config(name), FirmConfig)
+    paper = build_config("paper")
+    assert (paper.num_clients, paper.num_rounds, paper.ppo_epochs, paper.rollout_batch_size, paper.lora_r,
+            paper.beta) == (8, 16, 3, 16, 16, 0.01)
+    assert paper.policy == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+
+
+def test_overrides_are_coerced_and_unknown_keys_rejected():
+    cfg = build_config("default", parse_overrides("num_rounds=5 beta=0.1 adaptive_kl=true"))
+    assert (cfg.num_rounds, cfg.beta, cfg.adaptive_kl) == (5, 0.1, True)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        build_config("default", {"num_round": 5})
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides("num_rounds")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("papr")
+
+
+def test_round_trip_through_flower_config_record():
+    from flwr.app import ConfigRecord
+
+    cfg = build_config("default", {"preference": "0.3,0.7", "beta": 0.5})
+    record = ConfigRecord(cfg.to_dict())
+    assert FirmConfig.from_dict(dict(record)) == cfg
+    assert cfg.preference_vector() == [0.3, 0.7]
+    assert build_config("default", {"algorithm": "mgda"}).effective_beta() == 0.0
