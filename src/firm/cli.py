@@ -116,7 +116,7 @@ def print_summary(run_path: Path, wall_seconds: float) -> None:
 
     run = RunDir.open(run_path)
     rounds = [r for r in run.read_metrics() if r.get("type") == "round"]
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     if not rounds:
         console.print("no completed round")
         return
@@ -125,17 +125,14 @@ def print_summary(run_path: Path, wall_seconds: float) -> None:
     table.add_column("round", justify="right")
     for k in keys:
         table.add_column(k.split("/", 1)[1], justify="right")
-    table.add_column("KL", justify="right")
-    table.add_column("lambda mean", justify="right")
-    table.add_column("lambda std", justify="right")
-    table.add_column("adapter dist", justify="right")
-    table.add_column("up/down MB", justify="right")
+    for name in ("KL", "lambda mean", "lambda std", "adapter dist", "KB up/down per client"):
+        table.add_column(name, justify="right")
     for r in rounds:
         table.add_row(str(r["round"]), *(f"{r[k]:.4f}" for k in keys), f"{r['kl']:.4f}",
-                      "[" + ", ".join(f"{x:.3f}" for x in r["lambda_mean"]) + "]",
-                      "[" + ", ".join(f"{x:.3f}" for x in r["lambda_std"]) + "]",
+                      "/".join(f"{x:.3f}" for x in r["lambda_mean"]),
+                      "/".join(f"{x:.3f}" for x in r["lambda_std"]),
                       f"{r['adapter_distance']:.4f}",
-                      f"{r['bytes_up_per_client'] / 1e6:.2f}/{r['bytes_down_per_client'] / 1e6:.2f}")
+                      f"{r['bytes_up_per_client'] / 1e3:.0f}/{r['bytes_down_per_client'] / 1e3:.0f}")
     console.print(table)
     last = run.last_adapter()
     console.print(f"wall time {wall_seconds:.0f} s; final adapter: {last}; plots: {run.plots_dir}; "

@@ -26,7 +26,7 @@ from firm.partition import partition_prompts
 from firm.ppo import AdaptiveKLController, FixedKLController, RunningMeanStd
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
-from firm.strategy import ROUND_KEY
+from firm.strategy import OBJECTIVE_PREFIX, ROUND_KEY
 from firm.trainer import FirmLocalTrainer, summarize
 
 app = ClientApp()
@@ -106,12 +106,17 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     partition_id = int(context.node_config.get("partition-id", 0))
     seed = round_seed(cfg.seed, partition_id, firm_round)
     torch.manual_seed(seed)  # generate() samples from torch's global generator
-    stats = trainer.train_round(shard, random.Random(seed))
+    if cfg.algorithm == "fsmgda":  # one adapter per objective, packed into one record
+        stats, adapters = trainer.train_round_per_objective(shard, random.Random(seed))
+        upload = {OBJECTIVE_PREFIX.format(m=m) + k: v for m, adapter in enumerate(adapters) for k, v in adapter.items()}
+    else:
+        stats = trainer.train_round(shard, random.Random(seed))
+        upload = adapter_state(policy)
     save_state(context, trainer)
     metrics = summarize(stats, [r.name for r in rewards])
     metrics["partition-id"] = partition_id
     metrics["kl_coef"] = float(trainer.kl_controller.value)
-    return adapter_state(policy), metrics, stats.samples[: cfg.sample_responses]
+    return upload, metrics, stats.samples[: cfg.sample_responses]
 
 
 @app.train()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ALGORITHMS = ("firm", "mgda", "linear")
+ALGORITHMS = ("firm", "mgda", "linear", "fsmgda")
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -31,7 +31,8 @@ class FirmConfig:
     seed: int = 0
     """seeds prompt partitioning, sampling and LoRA initialisation"""
     algorithm: str = "firm"
-    """firm: regularized MGDA (beta > 0); mgda: beta = 0; linear: fixed weights = preference"""
+    """firm: in-client regularized MGDA; mgda: the same with beta = 0; linear: fixed weights = preference;
+    fsmgda: server-side MGDA over per-objective client updates (uploads M adapters)"""
 
     # --- federation ------------------------------------------------------------------------
     num_clients: int = 4
@@ -139,7 +140,8 @@ class FirmConfig:
             raise ConfigError(f"preference must be comma-separated numbers, got {self.preference!r}") from None
 
     def effective_beta(self) -> float:
-        return 0.0 if self.algorithm == "mgda" else self.beta
+        """mgda and fsmgda are the unregularized methods (beta = 0); linear uses no solver."""
+        return 0.0 if self.algorithm in ("mgda", "fsmgda") else self.beta
 
     def validate(self) -> "FirmConfig":
         def need(ok: bool, message: str) -> None:

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from firm.config import FirmConfig, build_config, parse_overrides
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
 from firm.rundir import RunDir
-from firm.strategy import FirmFedAvg, RoundResult
+from firm.strategy import FirmFedAvg, FsmgdaFedAvg, RoundResult
 
 RUN_DIR_ENV = "FIRM_RUN_DIR"
 
@@ -83,14 +83,13 @@ def run_federation(grid: Grid, run: RunDir) -> None:
         for listener in round_listeners:
             listener(result)
 
-    strategy = FirmFedAvg(
-        on_round_end=on_round_end,
-        round_offset=done,
-        algorithm=config.algorithm,
-        fraction_train=1.0,
-        min_train_nodes=config.num_clients,
-        min_available_nodes=config.num_clients,
-    )
+    common = dict(on_round_end=on_round_end, round_offset=done, fraction_train=1.0,
+                  min_train_nodes=config.num_clients, min_available_nodes=config.num_clients)
+    if config.algorithm == "fsmgda":
+        strategy = FsmgdaFedAvg(num_objectives=len(config.reward_specs()), beta=config.effective_beta(),
+                                preference=config.preference_vector(), **common)
+    else:
+        strategy = FirmFedAvg(algorithm=config.algorithm, **common)
     try:
         strategy.start(
             grid=grid,

@@ -20,7 +20,7 @@ from logging import WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -86,11 +86,19 @@ class FirmFedAvg(FedAvg):
         self.round_offset = round_offset
         self.algorithm = algorithm
         self._bytes_down = 0
+        self._global: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         config[ROUND_KEY] = self.round_offset + server_round
         self._bytes_down = arrayrecord_bytes(arrays)
+        self._global = arrays
         return super().configure_train(server_round, arrays, config, grid)
+
+    def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
+        """The new global adapter from the FedAvg average of the replies, and the round's
+        lambda statistics. FIRM: the average itself; lambda drift = spread across clients."""
+        return averaged, {"lambda_mean": client_lambdas.mean(0).tolist(),
+                          "lambda_std": client_lambdas.std(0).tolist()}  # client disagreement drift
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         firm_round = self.round_offset + server_round
@@ -110,9 +118,9 @@ class FirmFedAvg(FedAvg):
             reasons = "; ".join(f"node {n}: {r}" for n, r in rejected) or "no replies arrived"
             raise FederationError(f"round {firm_round}: no usable client reply ({reasons})")
 
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        averaged, metrics = super().aggregate_train(server_round, valid)
         client_arrays = [next(iter(m.content.array_records.values())) for m in valid]
-        distances = adapter_drift(client_arrays, arrays)
+        distances = adapter_drift(client_arrays, averaged)
 
         client_records = []
         lambdas = []
@@ -133,7 +141,7 @@ class FirmFedAvg(FedAvg):
                 record["samples"] = [{"prompt": p, "response": r}
                                      for p, r in zip(samples["prompts"], samples["responses"])]
             client_records.append(record)
-        lam = np.asarray(lambdas, dtype=np.float64)
+        arrays, lambda_stats = self.combine(averaged, np.asarray(lambdas, dtype=np.float64))
         round_record = {
             "type": "round",
             "round": firm_round,
@@ -143,8 +151,7 @@ class FirmFedAvg(FedAvg):
             **{key: float(np.mean([c[key] for c in client_records]))
                for key in client_records[0] if key.startswith("reward/")},
             "kl": float(np.mean([c["kl"] for c in client_records])),
-            "lambda_mean": lam.mean(0).tolist(),
-            "lambda_std": lam.std(0).tolist(),  # client disagreement drift
+            **lambda_stats,
             "adapter_distance": float(np.mean(distances)),
             "skipped_steps": int(sum(c["skipped_steps"] for c in client_records)),
             "bytes_down_per_client": self._bytes_down,
@@ -152,3 +159,53 @@ class FirmFedAvg(FedAvg):
         }
         self.on_round_end(RoundResult(firm_round, arrays, client_records, round_record))
         return arrays, metrics if metrics is not None else MetricRecord()
+
+
+# ---- FSMGDA: the server-side multi-gradient baseline ---------------------------------------------
+OBJECTIVE_PREFIX = "objective-{m}/"
+
+
+def split_objectives(record: ArrayRecord, num_objectives: int) -> list[dict[str, np.ndarray]]:
+    """Undo the client's packing of M adapters into one ArrayRecord ("objective-m/<key>")."""
+    parts: list[dict[str, np.ndarray]] = [{} for _ in range(num_objectives)]
+    for key, array in record.items():
+        prefix, _, name = key.partition("/")
+        m = int(prefix.removeprefix("objective-"))
+        parts[m][name] = array.numpy().astype(np.float64)
+    return parts
+
+
+def fsmgda_combine(global_adapter: dict[str, np.ndarray], averaged: list[dict[str, np.ndarray]], beta: float,
+                   preference: list[float]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """FMGDA/FSMGDA server step: the per-objective updates d_m = mean_c(adapter_{m,c}) - global,
+    lambda = argmin_simplex |sum_m l_m d_m|^2 (+ beta |l - p|^2, 0 for the classic method), and
+    the new global = global + sum_m lambda_m d_m."""
+    from firm.mgda import solve_weights
+
+    keys = sorted(global_adapter)
+    deltas = np.stack([np.concatenate([(avg[k] - global_adapter[k]).ravel() for k in keys]) for avg in averaged])
+    weights = solve_weights(deltas @ deltas.T, beta=beta, preference=preference)
+    new = {k: global_adapter[k] + sum(w * (avg[k] - global_adapter[k]) for w, avg in zip(weights, averaged))
+           for k in keys}
+    return new, weights
+
+
+class FsmgdaFedAvg(FirmFedAvg):
+    """Each client uploads M adapters (one local update per objective) packed in one
+    ArrayRecord; the server averages them per objective (FedAvg), solves the min-norm problem
+    on the averaged updates and applies the combination. M times FIRM's upload."""
+
+    def __init__(self, *, num_objectives: int, beta: float, preference: list[float], **kwargs: Any):
+        super().__init__(algorithm="fsmgda", **kwargs)
+        self.num_objectives = num_objectives
+        self.beta = beta
+        self.preference = preference
+
+    def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
+        assert self._global is not None, "configure_train sets the global adapter"
+        global_adapter = {k: v.numpy().astype(np.float64) for k, v in self._global.items()}
+        per_objective = split_objectives(averaged, self.num_objectives)
+        new, weights = fsmgda_combine(global_adapter, per_objective, self.beta, self.preference)
+        record = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in new.items()})
+        # One lambda, chosen by the server: no client disagreement by construction.
+        return record, {"lambda_mean": weights.tolist(), "lambda_std": [0.0] * self.num_objectives}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -193,6 +192,7 @@ class FirmLocalTrainer:
             [{"params": self.lora_params}, {"params": list(value_head.parameters())}],
             lr=config.learning_rate,
         )
+        self.fixed_weights: np.ndarray | None = None  # set by FSMGDA's per-objective passes
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -228,6 +228,8 @@ class FirmLocalTrainer:
 
     # ---- 3. the FIRM step -----------------------------------------------------------------
     def objective_weights(self, gram: np.ndarray) -> np.ndarray:
+        if self.fixed_weights is not None:
+            return self.fixed_weights.copy()
         if self.config.algorithm == "linear":
             return self.preference.copy()
         return solve_weights(gram, beta=self.config.effective_beta(), preference=self.preference)
@@ -279,28 +281,58 @@ class FirmLocalTrainer:
         stats.clipfracs.append(float(pg_stats["clipfrac"].mean()))
 
     # ---- one round --------------------------------------------------------------------------
+    def collect(self, shard: Sequence[Prompt], rng: random.Random, stats: RoundStats):
+        """Sample a batch from the shard, roll it out, score it and compute advantages."""
+        batch = rng.sample(list(shard), k=min(self.config.rollout_batch_size, len(shard)))
+        rollout = self.rollout(batch)
+        advantages, returns, kl = self.advantages(rollout)
+        seq_kl = (kl * rollout.response_mask).sum(-1)
+        stats.scores.append(rollout.scores)
+        stats.kl_per_sequence.append(seq_kl)
+        stats.response_tokens.append(rollout.response_mask.sum(-1))
+        stats.num_examples += len(batch)
+        stats.samples.extend(zip([p.text for p in batch], rollout.responses))
+        self.kl_controller.update(float(seq_kl.mean()), len(batch))
+        return rollout, advantages, returns
+
+    def ppo_epochs(self, rollout: Rollout, advantages, returns, stats: RoundStats, seed: int) -> None:
+        n = rollout.input_ids.shape[0]
+        minibatch = max(1, n // self.config.num_minibatches)
+        generator = torch.Generator().manual_seed(seed)
+        for _epoch in range(self.config.ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n - minibatch + 1, minibatch):
+                self.firm_step(rollout, order[start : start + minibatch], advantages, returns, stats)
+
     def train_round(self, shard: Sequence[Prompt], rng: random.Random) -> RoundStats:
-        cfg = self.config
+        """FIRM (and the mgda / linear ablations): rollout, PPO epochs, repeat."""
         stats = RoundStats()
-        for _ in range(cfg.rollouts_per_round):
-            batch = rng.sample(list(shard), k=min(cfg.rollout_batch_size, len(shard)))
-            rollout = self.rollout(batch)
-            advantages, returns, kl = self.advantages(rollout)
-            stats.scores.append(rollout.scores)
-            seq_kl = (kl * rollout.response_mask).sum(-1)
-            stats.kl_per_sequence.append(seq_kl)
-            stats.response_tokens.append(rollout.response_mask.sum(-1))
-            stats.num_examples += len(batch)
-            stats.samples.extend(zip([p.text for p in batch], rollout.responses))
-            n = len(batch)
-            minibatch = max(1, n // cfg.num_minibatches)
-            generator = torch.Generator().manual_seed(rng.randrange(2**31))
-            for _epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(n, generator=generator)
-                for start in range(0, n - minibatch + 1, minibatch):
-                    self.firm_step(rollout, order[start : start + minibatch], advantages, returns, stats)
-            self.kl_controller.update(float(seq_kl.mean()), n)
+        for _ in range(self.config.rollouts_per_round):
+            rollout, advantages, returns = self.collect(shard, rng, stats)
+            self.ppo_epochs(rollout, advantages, returns, stats, rng.randrange(2**31))
         return stats
+
+    def train_round_per_objective(self, shard: Sequence[Prompt], rng: random.Random):
+        """FSMGDA's client: from the same global adapter and the same rollouts, one local PPO
+        update per objective (weights e_m), returning M adapters instead of one."""
+        from firm.models import adapter_state, load_adapter_state
+
+        stats = RoundStats()
+        batches = [self.collect(shard, rng, stats) for _ in range(self.config.rollouts_per_round)]
+        seeds = [rng.randrange(2**31) for _ in batches]
+        start = adapter_state(self.policy)
+        adapters = []
+        for m in range(self.num_objectives):
+            load_adapter_state(self.policy, start)
+            self.optimizer = torch.optim.AdamW(
+                [{"params": self.lora_params}, {"params": list(self.value_head.parameters())}],
+                lr=self.config.learning_rate)
+            self.fixed_weights = np.eye(self.num_objectives)[m]
+            for (rollout, advantages, returns), seed in zip(batches, seeds):
+                self.ppo_epochs(rollout, advantages, returns, stats, seed)
+            adapters.append(adapter_state(self.policy))
+        self.fixed_weights = None
+        return stats, adapters
 
 
 def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float | list[float]]:
@@ -342,5 +374,3 @@ def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float
     return metrics
 
 
-def seconds(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
