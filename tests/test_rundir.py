@@ -1,0 +1,252 @@
+"""The run directory: creation and resume guards, the metrics log, atomic adapters, plots."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from firm.config import FirmConfig
+from firm.models import add_lora, lora_parameters
+from firm.plots import plot_run
+from firm.rundir import RunDir, RunDirError
+
+torch.set_num_threads(1)
+
+
+def make_config(**overrides) -> FirmConfig:
+    return FirmConfig(**{"num_rounds": 2, "num_clients": 2, **overrides})
+
+
+def read_tree(path: Path) -> dict[str, bytes]:
+    """Every file under path, relative name -> bytes (to prove nothing changed)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ---- create / open ----------------------------------------------------------------------------
+def test_create_writes_config_and_state(tmp_path):
+    config = make_config(beta=0.25)
+    run = RunDir.create(tmp_path / "run", config)
+
+    assert (run.path / "config.json").is_file() and (run.path / "state.json").is_file()
+    loaded = run.config()
+    assert loaded.beta == 0.25 and loaded.num_rounds == 2
+    assert loaded.run_dir == str(tmp_path / "run")
+    assert loaded.to_dict() == config.to_dict()
+    assert run.completed_rounds == 0
+    assert run.read_metrics() == []
+    assert run.last_adapter() is None
+
+
+def test_create_refuses_an_existing_run_and_changes_nothing(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    run.append_metrics([{"type": "round", "round": 1, "kl": 0.5}])
+    run.write_state(1)
+    before = read_tree(run.path)
+
+    with pytest.raises(RunDirError, match="already holds a run"):
+        RunDir.create(tmp_path / "run", make_config(beta=0.9, num_rounds=7))
+
+    assert read_tree(run.path) == before
+
+
+def test_open_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(RunDirError, match="does not exist"):
+        RunDir.open(tmp_path / "nowhere")
+
+    run = RunDir.create(tmp_path / "run", make_config())
+    assert RunDir.open(run.path).config().to_dict() == run.config().to_dict()
+
+    (run.path / "state.json").unlink()
+    with pytest.raises(RunDirError, match="state.json is missing"):
+        RunDir.open(run.path)
+    (run.path / "config.json").unlink()
+    with pytest.raises(RunDirError, match="config.json is missing"):
+        RunDir.open(run.path)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_metrics_round_trip_with_non_finite_values_written_as_null(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    first = {"type": "client", "round": 1, "node_id": 3, "kl": 0.25, "lambda_mean": [0.5, 0.5]}
+    second = {"type": "round", "round": 1, "kl": float("nan"), "lambda_std": [float("inf"), 0.0],
+              "nested": {"x": float("-inf"), "y": 1.5}, "rejected": []}
+    run.append_metrics([first])
+    run.append_metrics([second])
+
+    text = (run.path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    for line in text.splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert run.read_metrics() == [
+        first,
+        {"type": "round", "round": 1, "kl": None, "lambda_std": [None, 0.0], "nested": {"x": None, "y": 1.5},
+         "rejected": []},
+    ]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: rundir._finite_or_none only nulls Python floats; a NaN inside a numpy scalar/array "
+    "(np.float32, np.ndarray) reaches json.dumps via _json_default(.tolist()) and is written as NaN"))
+def test_numpy_non_finite_values_are_also_written_as_null(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    run.append_metrics([{"round": 1, "a": np.float32("nan"), "b": np.array([1.0, np.nan])}])
+    text = (run.path / "metrics.jsonl").read_text()
+    assert "NaN" not in text
+    assert run.read_metrics() == [{"round": 1, "a": None, "b": [1.0, None]}]
+
+
+def test_read_metrics_names_file_and_line_of_a_corrupt_record(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    run.append_metrics([{"round": 1}, {"round": 2}])
+    with open(run.path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "kl": \n')
+    with pytest.raises(RunDirError, match=r"metrics\.jsonl:3: not valid JSON"):
+        run.read_metrics()
+
+
+def test_drop_unfinished_rounds_keeps_completed_ones(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config(num_rounds=3))
+    records = [
+        {"type": "client", "round": 1, "node_id": 1},
+        {"type": "round", "round": 1},
+        {"type": "client", "round": 2, "node_id": 1},
+        {"type": "round", "round": 2},
+        {"type": "client", "round": 3, "node_id": 1},  # written by a crashed round 3
+    ]
+    run.append_metrics(records)
+    run.write_state(2)
+
+    assert run.drop_unfinished_rounds() == 1
+    assert run.read_metrics() == records[:4]
+    unchanged = (run.path / "metrics.jsonl").read_bytes()
+    assert run.drop_unfinished_rounds() == 0
+    assert (run.path / "metrics.jsonl").read_bytes() == unchanged
+
+    run.write_state(0)
+    assert run.drop_unfinished_rounds() == 4
+    assert run.read_metrics() == []
+
+
+# ---- adapters ---------------------------------------------------------------------------------
+def tiny_peft_model(tiny_llama_config):
+    """(peft model with a non-trivial adapter, an untouched copy of its base)."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config).eval()
+    untouched = copy.deepcopy(base)
+    peft_model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    with torch.no_grad():
+        for param in lora_parameters(peft_model).values():
+            param.normal_(0.0, 0.5)  # lora_B starts at zero: make the adapter matter
+    return peft_model.eval(), untouched
+
+
+def test_saved_adapter_reloads_with_identical_logits(tmp_path, tiny_llama_config):
+    peft_model, untouched = tiny_peft_model(tiny_llama_config)
+    run = RunDir.create(tmp_path / "run", make_config())
+
+    path = run.save_adapter(1, peft_model)
+
+    assert path == run.path / "adapters" / "round-001"
+    assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+    run.write_state(1)
+    assert run.last_adapter() == path
+    reloaded = PeftModel.from_pretrained(untouched, path).eval()
+    input_ids = torch.tensor([[1, 40, 41, 42, 43, 44, 2]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=input_ids).logits
+        actual = reloaded(input_ids=input_ids).logits
+        with reloaded.disable_adapter():
+            base_logits = reloaded(input_ids=input_ids).logits
+    assert torch.equal(actual, expected)
+    assert not torch.allclose(base_logits, expected, atol=1e-4), "the adapter should change the logits"
+
+
+def test_failed_save_leaves_previous_adapter_untouched_and_no_partial_target(tmp_path, tiny_llama_config, monkeypatch):
+    peft_model, _ = tiny_peft_model(tiny_llama_config)
+    run = RunDir.create(tmp_path / "run", make_config())
+    run.save_adapter(1, peft_model)
+    adapters = run.path / "adapters"
+    before = read_tree(adapters)
+
+    def crash_midway(directory, *args, **kwargs):
+        Path(directory, "adapter_config.json").write_text("{}")  # a partial write ...
+        raise OSError("disk full")  # ... then the crash
+
+    monkeypatch.setattr(peft_model, "save_pretrained", crash_midway)
+    with torch.no_grad():
+        for param in lora_parameters(peft_model).values():
+            param.add_(1.0)
+
+    with pytest.raises(OSError, match="disk full"):
+        run.save_adapter(1, peft_model)  # redoing round 1
+    with pytest.raises(OSError, match="disk full"):
+        run.save_adapter(2, peft_model)
+
+    assert read_tree(adapters) == before
+    assert sorted(p.name for p in adapters.iterdir()) == ["round-001"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: RunDir.save_adapter redoing an existing round does shutil.rmtree(target) before "
+    "os.replace(tmp, target); a failure (or a kill) between the two loses the previous adapter"))
+def test_failed_replace_of_a_redone_round_keeps_the_previous_adapter(tmp_path, tiny_llama_config, monkeypatch):
+    import firm.rundir
+
+    peft_model, _ = tiny_peft_model(tiny_llama_config)
+    run = RunDir.create(tmp_path / "run", make_config())
+    run.save_adapter(1, peft_model)
+    before = read_tree(run.path / "adapters")
+
+    def failing_replace(src, dst):
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(firm.rundir.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="interrupted"):
+        run.save_adapter(1, peft_model)
+    monkeypatch.undo()
+    assert read_tree(run.path / "adapters") == before
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def hand_made_metrics() -> list[dict]:
+    records = []
+    for rnd in (1, 2):
+        clients = []
+        for pid in (0, 1):
+            clients.append({
+                "type": "client", "round": rnd, "node_id": 100 + pid, "partition-id": pid,
+                "reward/helpful": 0.1 * rnd + pid, "reward/harmless": -0.2 * rnd + pid,
+                "kl": 0.01 * rnd, "lambda_mean": [0.3 + 0.2 * pid, 0.7 - 0.2 * pid],
+                "adapter_distance": 0.5 / rnd,
+            })
+        records += clients
+        lambdas = np.array([c["lambda_mean"] for c in clients])
+        records.append({
+            "type": "round", "round": rnd, "clients": 2, "rejected": [],
+            "reward/helpful": float(np.mean([c["reward/helpful"] for c in clients])),
+            "reward/harmless": float(np.mean([c["reward/harmless"] for c in clients])),
+            "kl": 0.01 * rnd, "lambda_mean": lambdas.mean(0).tolist(), "lambda_std": lambdas.std(0).tolist(),
+            "adapter_distance": 0.5 / rnd,
+        })
+    return records
+
+
+def test_plot_run_writes_three_pngs(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    assert plot_run(run) == []  # nothing to plot before the first round
+    run.append_metrics(hand_made_metrics())
+
+    paths = plot_run(run)
+
+    assert sorted(p.name for p in paths) == ["drift.png", "lambda.png", "rewards.png"]
+    for path in paths:
+        assert path.parent == run.plots_dir
+        data = path.read_bytes()
+        assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), path
