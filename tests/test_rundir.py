@@ -91,9 +91,6 @@ def test_metrics_round_trip_with_non_finite_values_written_as_null(tmp_path):
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: rundir._finite_or_none only nulls Python floats; a NaN inside a numpy scalar/array "
-    "(np.float32, np.ndarray) reaches json.dumps via _json_default(.tolist()) and is written as NaN"))
 def test_numpy_non_finite_values_are_also_written_as_null(tmp_path):
     run = RunDir.create(tmp_path / "run", make_config())
     run.append_metrics([{"round": 1, "a": np.float32("nan"), "b": np.array([1.0, np.nan])}])
@@ -193,9 +190,6 @@ def test_failed_save_leaves_previous_adapter_untouched_and_no_partial_target(tmp
     assert sorted(p.name for p in adapters.iterdir()) == ["round-001"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: RunDir.save_adapter redoing an existing round does shutil.rmtree(target) before "
-    "os.replace(tmp, target); a failure (or a kill) between the two loses the previous adapter"))
 def test_failed_replace_of_a_redone_round_keeps_the_previous_adapter(tmp_path, tiny_llama_config, monkeypatch):
     import firm.rundir
 

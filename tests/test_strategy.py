@@ -298,3 +298,24 @@ def test_fsmgda_combines_averaged_objective_updates_with_min_norm_weights():
     assert result.round_record["lambda_std"] == [0.0, 0.0]
     upload = sum(npy_size(v) for v in local[(0, 0)].values()) * 2
     assert result.client_records[0]["bytes_up"] == upload
+
+
+def test_reply_with_wrong_adapter_tensors_is_rejected_not_fatal():
+    from flwr.app import Array, ArrayRecord
+
+    from firm.strategy import check_reply
+
+    global_record = ArrayRecord({"a": Array(np.zeros((2, 3), dtype=np.float32))})
+    expected = {k: tuple(v.shape) for k, v in global_record.items()}
+
+    def content(arrays):
+        from flwr.app import MetricRecord, RecordDict
+
+        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                           "metrics": MetricRecord({"num-examples": 1})})
+
+    assert check_reply(content({"a": np.zeros((2, 3), dtype=np.float32)}), expected) is None
+    assert "shape (3, 2)" in check_reply(content({"a": np.zeros((3, 2), dtype=np.float32)}), expected)
+    assert "do not match" in check_reply(content({"b": np.zeros((2, 3), dtype=np.float32)}), expected)
+    assert "do not match" in check_reply(content({"a": np.zeros((2, 3), dtype=np.float32),
+                                                  "b": np.zeros(1, dtype=np.float32)}), expected)

@@ -50,14 +50,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def _finite_or_none(value: Any) -> Any:
     """JSON has no NaN: write None so the log stays parseable by any reader."""
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        value = value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, list):
@@ -121,7 +117,7 @@ class RunDir:
 
     # ---- metrics -------------------------------------------------------------------------
     def append_metrics(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(_finite_or_none(r), default=_json_default) + "\n" for r in records)
+        lines = "".join(json.dumps(_finite_or_none(r), allow_nan=False) + "\n" for r in records)
         with open(self.path / METRICS_FILE, "a") as f:
             f.write(lines)
             f.flush()
@@ -150,12 +146,22 @@ class RunDir:
         target = self.adapter_dir(round_number)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        trash = target.with_name(f".{target.name}.old")
         try:
             peft_model.save_pretrained(tmp)
             tmp.chmod(0o755)
-            if target.exists():  # a resumed round being redone
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            if target.exists():  # a resumed round being redone: move the old one aside first
+                if trash.exists():
+                    shutil.rmtree(trash)
+                os.replace(target, trash)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if trash.exists() and not target.exists():
+                    os.replace(trash, target)  # put the previous adapter back
+                raise
+            if trash.exists():
+                shutil.rmtree(trash)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

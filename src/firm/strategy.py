@@ -33,12 +33,27 @@ class FederationError(RuntimeError):
 
 
 def arrayrecord_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of an ArrayRecord's tensors (what travels, without framing)."""
+    """Bytes of an ArrayRecord's tensors as Flower serialises them (.npy: the data plus a 128-byte
+    header per tensor); message framing and metadata are not counted."""
     return int(sum(len(array.data) for array in record.values()))
 
 
-def check_reply(content) -> str | None:
-    """Why a client reply cannot be averaged, or None if it can."""
+def check_reply(content, expected_shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """Why a client reply cannot be averaged, or None if it can: exactly one adapter record
+    with the expected tensor names and shapes, finite values, one finite metric record."""
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return (f"expected one adapter record and one metric record, got {len(content.array_records)} and "
+                f"{len(content.metric_records)}")
+    if expected_shapes is not None:
+        record = next(iter(content.array_records.values()))
+        got = {k: tuple(a.shape) for k, a in record.items()}
+        if set(got) != set(expected_shapes):
+            missing = sorted(set(expected_shapes) - set(got))[:2]
+            extra = sorted(set(got) - set(expected_shapes))[:2]
+            return f"adapter tensors do not match the global adapter (missing {missing}, unexpected {extra})"
+        for key, shape in got.items():
+            if shape != tuple(expected_shapes[key]):
+                return f"adapter tensor {key} has shape {shape}, expected {tuple(expected_shapes[key])}"
     for array_record in content.array_records.values():
         for key, array in array_record.items():
             values = array.numpy()
@@ -94,6 +109,12 @@ class FirmFedAvg(FedAvg):
         self._global = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
+    def expected_upload(self) -> dict[str, tuple[int, ...]] | None:
+        """Tensor names and shapes a client must send back: the global adapter's."""
+        if self._global is None:
+            return None
+        return {k: tuple(a.shape) for k, a in self._global.items()}
+
     def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
         """The new global adapter from the FedAvg average of the replies, and the round's
         lambda statistics. FIRM: the average itself; lambda drift = spread across clients."""
@@ -104,11 +125,18 @@ class FirmFedAvg(FedAvg):
         firm_round = self.round_offset + server_round
         replies = list(replies)
         valid, rejected = [], []
+        expected_shapes = self.expected_upload()
+        metric_keys: set[str] | None = None
         for msg in replies:
             if msg.has_error():
                 rejected.append((msg.metadata.src_node_id, f"client error: {msg.error.reason}"))
                 continue
-            reason = check_reply(msg.content)
+            reason = check_reply(msg.content, expected_shapes)
+            if reason is None:
+                keys = set(next(iter(msg.content.metric_records.values())).keys())
+                metric_keys = keys if metric_keys is None else metric_keys
+                if keys != metric_keys:
+                    reason = f"metric keys differ from the other clients' ({sorted(keys ^ metric_keys)[:3]})"
             if reason is None:
                 valid.append(msg)
             else:
@@ -200,6 +228,12 @@ class FsmgdaFedAvg(FirmFedAvg):
         self.num_objectives = num_objectives
         self.beta = beta
         self.preference = preference
+
+    def expected_upload(self) -> dict[str, tuple[int, ...]] | None:
+        single = super().expected_upload()
+        if single is None:
+            return None
+        return {OBJECTIVE_PREFIX.format(m=m) + k: shape for m in range(self.num_objectives) for k, shape in single.items()}
 
     def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
         assert self._global is not None, "configure_train sets the global adapter"

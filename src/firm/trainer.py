@@ -267,7 +267,10 @@ class FirmLocalTrainer:
             p.grad = direction[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
         (cfg.value_coef * value_loss).backward()  # the critic's gradient (head only)
-        torch.nn.utils.clip_grad_norm_(self.lora_params + list(self.value_head.parameters()), cfg.max_grad_norm)
+        # Clip policy and critic separately: a large critic gradient must not shrink the
+        # MGDA direction.
+        torch.nn.utils.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(list(self.value_head.parameters()), cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -321,9 +324,11 @@ class FirmLocalTrainer:
         batches = [self.collect(shard, rng, stats) for _ in range(self.config.rollouts_per_round)]
         seeds = [rng.randrange(2**31) for _ in batches]
         start = adapter_state(self.policy)
+        critic_start = {k: v.clone() for k, v in self.value_head.state_dict().items()}
         adapters = []
         for m in range(self.num_objectives):
             load_adapter_state(self.policy, start)
+            self.value_head.load_state_dict(critic_start)  # every pass starts from the same critic
             self.optimizer = torch.optim.AdamW(
                 [{"params": self.lora_params}, {"params": list(self.value_head.parameters())}],
                 lr=self.config.learning_rate)
