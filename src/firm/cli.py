@@ -42,7 +42,9 @@ def config_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 # ---- firm train --------------------------------------------------------------------------------
 def preflight(config: FirmConfig) -> None:
-    """Fail before starting Flower on inputs that would only fail inside a client."""
+    """Fail before starting Flower (and before creating the run directory) on inputs that
+    would otherwise only fail inside a client: prompts, partition, reward specs, policy."""
+    from firm.models import check_policy
     from firm.partition import partition_prompts
     from firm.prompts import load_prompts
     from firm.rewards import parse_reward_spec
@@ -52,14 +54,7 @@ def preflight(config: FirmConfig) -> None:
                       seed=config.seed)
     for spec in config.reward_specs():
         parse_reward_spec(spec)
-    policy = config.policy
-    if policy != "embedded" and (policy.startswith((".", "/", "~")) or os.path.sep in policy and not _hub_like(policy)):
-        if not Path(policy).expanduser().is_dir():
-            raise FileNotFoundError(f"policy directory {policy!r} does not exist")
-
-
-def _hub_like(name: str) -> bool:
-    return name.count("/") == 1 and not os.path.exists(name)
+    check_policy(config.policy)
 
 
 def run_simulation(config: FirmConfig, run_path: Path, verbose: bool) -> None:

@@ -96,6 +96,22 @@ def resolve_policy_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def check_policy(name_or_path: str) -> None:
+    """Cheap early check that a policy spec can be loaded (its config, not its weights)."""
+    if name_or_path == EMBEDDED_POLICY:
+        embedded_gguf_path()
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load policy {name_or_path!r}: {str(err).splitlines()[0]}. "
+            "Pass a local model directory, or use 'embedded' (SmolLM2-135M-Instruct, offline)."
+        ) from err
+
+
 def load_policy(name_or_path: str = EMBEDDED_POLICY, dtype: str = "float32"):
     """Load (model, tokenizer) for a causal LM; left padding and a pad token are set for batched
     generation. Raises ModelLoadError with the spec in the message when it cannot be loaded."""

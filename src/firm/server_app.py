@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import time
+from logging import INFO
 from typing import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from firm.config import FirmConfig, build_config, parse_overrides
@@ -105,4 +107,7 @@ def run_federation(grid: Grid, run: RunDir) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, run_dir_from_context(context))
+    run = run_dir_from_context(context)
+    # Under `flwr run` a relative run-dir resolves in the SuperLink's working directory: say where.
+    log(INFO, "FIRM run directory: %s", run.path.resolve())
+    run_federation(grid, run)

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# FIRM on a Flower *deployment* federation, all on this machine: one SuperLink ("the server")
+# and two SuperNodes ("the clients"), each SuperNode training on its own prompt partition, then
+# `flwr run` submits the app in this repository to them. It is the same ServerApp/ClientApp
+# that `firm train` and `flwr run . local` run, at tiny sizes (2 clients x 2 rounds, 2 prompts
+# per client, 8 new tokens): about 7 minutes on a busy 2-core CPU, mostly spent starting a fresh
+# ClientApp process (imports + model load) for every client in every round.
+#
+# Loopback only and --insecure (no TLS): for trying things out, never across a network. For real
+# machines give flower-superlink/flower-supernode TLS certificates (see the Flower docs), and
+# install this package (and torch) on every machine: the apps are imported from the installed
+# `firm`, the FAB that `flwr run` ships carries the run config.
+#
+# Usage:  scripts/flower_deployment_demo.sh
+# Settings (environment variables, all optional):
+#   PRESET     FIRM preset (default: "default" = embedded SmolLM2 policy + embedded rewards;
+#              "simple-rewards" swaps in the offline relevance/civility rewards)
+#   OVERRIDES  FIRM settings, "key=value key=value" (default: tiny sizes, see below)
+#   RUN_DIR    where the run is written (default: runs/flower-deployment-<time> in this repo)
+#   VENV_BIN   directory with python, flwr, flower-superlink, flower-supernode (default: .venv/bin)
+#   TIMEOUT_S  stop waiting for the run after this many seconds (default: 1800)
+# Everything is stopped when the script ends, also on Ctrl-C or an error.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV_BIN="${VENV_BIN:-$REPO/.venv/bin}"
+PY="$VENV_BIN/python"
+for tool in python flwr flower-superlink flower-supernode flower-superexec; do
+    [[ -x "$VENV_BIN/$tool" ]] || { echo "error: $VENV_BIN/$tool not found (run 'make install' or set VENV_BIN)" >&2; exit 2; }
+done
+# flwr starts flower-superexec / flwr-serverapp / flwr-clientapp by name: same environment first.
+export PATH="$VENV_BIN:$PATH"
+
+NUM_NODES=2
+PRESET="${PRESET:-default}"
+OVERRIDES="${OVERRIDES:-num_clients=$NUM_NODES num_rounds=2 rollout_batch_size=2 max_new_tokens=8 ppo_epochs=1 num_minibatches=1}"
+RUN_DIR="${RUN_DIR:-$REPO/runs/flower-deployment-$(date +%Y%m%d-%H%M%S)}"
+TIMEOUT_S="${TIMEOUT_S:-1800}"
+case "$RUN_DIR" in /*) ;; *) RUN_DIR="$PWD/$RUN_DIR" ;; esac  # relative paths would resolve in the SuperLink's directory
+
+# --- stop everything we started, by process id ----------------------------------------------
+# Flower detaches its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) into their own
+# sessions, so we collect each started process's descendants by parent id and stop them too.
+STARTED_PIDS=()
+descendants() {
+    local child
+    for child in $(pgrep -P "$1" || true); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+stop_all() {
+    local pids=() pid
+    for pid in ${STARTED_PIDS[@]+"${STARTED_PIDS[@]}"}; do
+        pids+=("$pid" $(descendants "$pid"))
+    done
+    ((${#pids[@]})) || return 0
+    echo "Stopping Flower processes: ${pids[*]}"
+    kill "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 20); do
+        kill -0 "${pids[@]}" 2>/dev/null || break
+        sleep 0.5
+    done
+    kill -9 "${pids[@]}" 2>/dev/null || true
+    echo "Logs: $WORK"
+}
+trap stop_all EXIT
+
+# --- 0. check the settings and prepare the policy before starting anything --------------------
+echo "FIRM preset '$PRESET', overrides '$OVERRIDES'"
+"$PY" - "$PRESET" "$OVERRIDES" "$NUM_NODES" <<'EOF'
+import sys
+from firm.config import ConfigError, build_config, parse_overrides
+from firm.models import resolve_policy_path
+from firm.rewards import RewardSpecError, parse_reward_spec
+
+try:
+    config = build_config(sys.argv[1], parse_overrides(sys.argv[2]))
+except ConfigError as err:
+    sys.exit(f"error: {err}")
+try:
+    for spec in config.reward_specs():
+        parse_reward_spec(spec)
+except RewardSpecError as err:
+    sys.exit(f"error: {err}\n(offline alternative: PRESET=simple-rewards)")
+num_nodes = int(sys.argv[3])
+if config.num_clients != num_nodes:
+    sys.exit(f"error: this demo starts {num_nodes} SuperNodes, so num_clients must be {num_nodes} "
+             f"(got {config.num_clients}); "
+             "with fewer nodes than num_clients the ServerApp waits for ever")
+# the embedded policy is dequantized once into a cache; do it now rather than in two clients at once
+print("policy:", resolve_policy_path(config.policy))
+EOF
+
+# --- 1. a private Flower home: federations (config.toml), installed FABs and SuperLink state stay out
+# of ~/.flwr. Logs of every process go here too.
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/firm-flower-demo.XXXXXX")"
+export FLWR_HOME="$WORK/flwr-home"
+# Without this the SuperLink reinstalls the app's dependencies with uv into a fresh environment
+# for every run (and pulls a multi-GB CUDA torch). The SuperNodes do not install unless asked.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export FLWR_DISABLE_UPDATE_CHECK=1
+
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+SUPERLINK_PORT="${SUPERLINK_PORT:-$(free_port)}"  # Fleet, Control and Runtime APIs share this HTTP port
+
+# --- 2. the federation the flwr CLI talks to: a SuperLink connection in $FLWR_HOME/config.toml --
+mkdir -p "$FLWR_HOME"
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "firm-local-deployment"
+
+[superlink.firm-local-deployment]
+address = "127.0.0.1:$SUPERLINK_PORT"
+insecure = true
+EOF
+
+# --- 3. the SuperLink -------------------------------------------------------------------------
+echo "Starting flower-superlink on 127.0.0.1:$SUPERLINK_PORT (log: $WORK/superlink.log)"
+(cd "$WORK" && exec flower-superlink --insecure --disable-runtime-dependency-installation \
+    --host 127.0.0.1 --port "$SUPERLINK_PORT") > "$WORK/superlink.log" 2>&1 &
+STARTED_PIDS+=($!)
+"$PY" - "$SUPERLINK_PORT" <<'EOF'
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/health"
+for _ in range(120):
+    try:
+        if urllib.request.urlopen(url, timeout=1).status == 200:
+            sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit(f"error: the SuperLink did not answer on {url}")
+EOF
+
+# --- 4. two SuperNodes, each with its own partition of the prompts ----------------------------
+# (--port is the SuperNode's own local API for its ClientApp processes: one free port each.
+#  A node can also train on a private file instead: --node-config 'prompts="/path/prompts.jsonl"')
+for ((i = 0; i < NUM_NODES; i++)); do
+    node_port="$(free_port)"
+    echo "Starting flower-supernode $i (partition-id=$i, log: $WORK/supernode-$i.log)"
+    (cd "$WORK" && exec flower-supernode --insecure --superlink "127.0.0.1:$SUPERLINK_PORT" \
+        --host 127.0.0.1 --port "$node_port" \
+        --node-config "partition-id=$i num-partitions=$NUM_NODES") > "$WORK/supernode-$i.log" 2>&1 &
+    STARTED_PIDS+=($!)
+done
+
+# --- 5. submit the app and follow its log: flwr builds a FAB from this directory (files in
+# .gitignore, e.g. .venv and runs/, stay out), the run config overrides pyproject's
+# [tool.flwr.app.config], and --stream prints the ServerApp's log until the run has finished.
+# Run-config values are TOML, so the strings are double-quoted inside the argument.
+cd "$REPO"
+START=$(date +%s)
+timeout "$TIMEOUT_S" flwr run . firm-local-deployment --stream \
+    --run-config "preset=\"$PRESET\" overrides=\"$OVERRIDES\" run-dir=\"$RUN_DIR\"" ||
+    { echo "error: flwr run failed or did not finish within ${TIMEOUT_S}s" >&2; exit 1; }
+
+# --- 6. how did it end? `flwr ls` says pending / starting / running / finished:<result> --------
+STATUS=$(flwr ls firm-local-deployment --format json |
+    "$PY" -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+echo "Run: $STATUS after $(($(date +%s) - START)) s"
+[[ "$STATUS" == "finished:completed" ]] || exit 1
+ls "$RUN_DIR" "$RUN_DIR/adapters" "$RUN_DIR/plots"
+echo "Done: metrics in $RUN_DIR/metrics.jsonl, plots in $RUN_DIR/plots; score the last adapter with"
+echo "  $VENV_BIN/firm eval --adapter $(ls -d "$RUN_DIR"/adapters/round-* | tail -1)"
