@@ -21,6 +21,13 @@ holds fewer rounds is continued with ``firm train --resume``. An existing run wh
 differ from the planned ones stops the harness before anything runs (results from different
 settings must never be mixed silently).
 
+What "final reward" means: a round record's rewards are those of the responses the clients
+sampled in that round, i.e. of the global adapter the round STARTED from (the rollout comes
+before the PPO update). So by default the final reward is that of the adapter after
+num_rounds - 1 rounds. ``--eval-prompts N`` scores the adapter of the last round itself with
+`firm eval` (the same N prompts and sampling seed for every run, so the comparison is paired)
+and uses that instead; both numbers are kept in results.json.
+
 Statistics across seeds are mean and sample standard deviation (ddof = 1). A difference
 between two algorithms counts only where it exceeds the spread: the intervals mean +- std
 of the two do not overlap.
@@ -62,8 +69,8 @@ TRAIN_LOG = "train.log"
 # Flags of `firm train` the harness sets itself; passing them after `--` is an error.
 HARNESS_FLAGS_COMPARE = ("run_dir", "algorithm", "seed", "partition", "resume", "print_config")
 HARNESS_FLAGS_PARETO = HARNESS_FLAGS_COMPARE + ("preference", "beta")
-# Algorithms whose weights do not depend on beta: pareto runs them once per preference.
-BETA_FREE_ALGORITHMS = ("linear", "mgda")
+EVAL_SEED = 1234
+"""Seed of `firm eval` for every run: the same prompts and sampling noise, a paired comparison."""
 
 
 class ExperimentError(ValueError):
@@ -154,6 +161,11 @@ def parse_reference_point(text: str, num_objectives: int) -> list[float] | None:
     return point
 
 
+def check_eval_prompts(value: int) -> None:
+    if value < 0:
+        raise ExperimentError(f"--eval-prompts must be >= 0 (0 = off), got {value}")
+
+
 def parse_train_flags(flags: Sequence[str], owned: Sequence[str]) -> argparse.Namespace:
     """Parse the flags after `--` with `firm train`'s own parser; refuse the ones the harness sets."""
     from firm.cli import build_parser
@@ -199,7 +211,8 @@ class PlannedRun:
 
 
 def format_vector(values: Sequence[float]) -> str:
-    return ",".join(f"{v:g}" for v in values)
+    """'0.1,0.9': short for labels and folder names, exact enough (10 digits) to keep sum(p) = 1."""
+    return ",".join(f"{v:.10g}" for v in values)
 
 
 def expected_config(train_flags: argparse.Namespace, overrides: dict[str, Any]) -> FirmConfig:
@@ -287,32 +300,70 @@ def execute_run(run: PlannedRun, status: str, train_flags: Sequence[str]) -> Fai
     return None
 
 
+def eval_path(run: PlannedRun, num_prompts: int) -> Path:
+    """Where the evaluation of the run's last adapter lives; the name fixes what it measured."""
+    return run.run_dir / f"eval-round-{run.config.num_rounds:03d}-{num_prompts}prompts.json"
+
+
+def eval_command(run: PlannedRun, num_prompts: int) -> list[str]:
+    """`firm eval` of the last round's adapter with the run's own prompts, rewards and sampling."""
+    from firm.rundir import RunDir
+
+    config = run.config
+    return [sys.executable, "-m", "firm.cli", "eval", "--adapter", str(RunDir(run.run_dir).adapter_dir(config.num_rounds)),
+            "--policy", config.policy, "--prompts", config.prompts, "--rewards", config.rewards,
+            "--num-prompts", str(num_prompts), "--max-new-tokens", str(config.max_new_tokens),
+            "--temperature", repr(config.temperature), "--seed", str(EVAL_SEED), "--samples", "0",
+            "--json", str(eval_path(run, num_prompts))]
+
+
+def execute_eval(run: PlannedRun, num_prompts: int) -> Failure | None:
+    """Score the run's final adapter in a subprocess (output in RUN_DIR/eval.log)."""
+    command = eval_command(run, num_prompts)
+    log_path = run.run_dir / "eval.log"
+    with open(log_path, "a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n")
+        log.flush()
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    if returncode != 0 or not eval_path(run, num_prompts).exists():
+        return Failure(run, f"`firm eval` of the final adapter exited with code {returncode}", log_tail(log_path))
+    return None
+
+
 def read_harness_record(run_dir: Path) -> dict[str, Any]:
     path = run_dir / HARNESS_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def execute_plan(runs: Sequence[PlannedRun], train_flags: Sequence[str], dry_run: bool = False) -> list[Failure]:
-    """Run every planned run in turn; a failed run is reported and the others go on."""
+def execute_plan(runs: Sequence[PlannedRun], train_flags: Sequence[str], dry_run: bool = False,
+                 eval_prompts: int = 0) -> list[Failure]:
+    """Run every planned run in turn (and, with eval_prompts > 0, score its final adapter);
+    a failed run is reported and the others go on."""
     statuses = [run_status(run) for run in runs]  # settings conflicts stop us before anything runs
     failures = []
     for index, (run, status) in enumerate(zip(runs, statuses), start=1):
         prefix = f"[{index}/{len(runs)}] {run.describe()}"
         if dry_run:
             print(f"{prefix}: {status}\n    {' '.join(train_command(run, status, train_flags))}")
+            if eval_prompts:
+                print(f"    then {' '.join(eval_command(run, eval_prompts))}")
             continue
         if status == "done":
             print(f"{prefix}: done already ({run.run_dir})", flush=True)
-            continue
-        print(f"{prefix}: {'continuing' if status == 'resume' else 'training'} in {run.run_dir} ...", flush=True)
-        start = time.perf_counter()
-        failure = execute_run(run, status, train_flags)
-        if failure is None:
-            print(f"{prefix}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+            failure = None
         else:
+            print(f"{prefix}: {'continuing' if status == 'resume' else 'training'} in {run.run_dir} ...", flush=True)
+            start = time.perf_counter()
+            failure = execute_run(run, status, train_flags)
+            if failure is None:
+                print(f"{prefix}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+        if failure is None and eval_prompts and not eval_path(run, eval_prompts).exists():
+            print(f"{prefix}: scoring the final adapter on {eval_prompts} prompts ...", flush=True)
+            failure = execute_eval(run, eval_prompts)
+        if failure is not None:
             failures.append(failure)
-            print(f"{prefix}: FAILED ({failure.reason}); log {run.run_dir / TRAIN_LOG}, last lines:\n"
-                  + indent(failure.log_tail), flush=True)
+            print(f"{prefix}: FAILED ({failure.reason}); last lines of its log:\n" + indent(failure.log_tail),
+                  flush=True)
     return failures
 
 
@@ -390,12 +441,15 @@ def summarize_run(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- hypervolume, statistics, rank correlation ---------------------------------------------
 def reference_point(all_rounds: Sequence[Sequence[dict[str, Any]]], names: Sequence[str],
-                    margin_fraction: float = REFERENCE_MARGIN_FRACTION) -> list[float]:
-    """Per objective: the lowest reward any round of any run recorded, minus a margin of
-    ``margin_fraction`` of that objective's observed range (1e-6 when the range is zero)."""
+                    margin_fraction: float = REFERENCE_MARGIN_FRACTION,
+                    finals: Sequence[dict[str, float]] = ()) -> list[float]:
+    """Per objective: the lowest reward any round of any run recorded (or any final reward in
+    ``finals``, e.g. evaluations), minus a margin of ``margin_fraction`` of that objective's
+    observed range (1e-6 when the range is zero)."""
     point = []
     for name in names:
         values = [float(r[f"reward/{name}"]) for rounds in all_rounds for r in rounds]
+        values += [float(f[name]) for f in finals]
         if not values:
             raise ExperimentError("no round record to place the reference point")
         spread = max(values) - min(values)
@@ -478,8 +532,9 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def collect(runs: Sequence[PlannedRun], failures: Sequence[Failure]) -> list[RunResult]:
-    """Summaries of the runs that completed all their rounds (failed runs stay out)."""
+def collect(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_prompts: int = 0) -> list[RunResult]:
+    """Summaries of the runs that completed all their rounds (failed runs stay out). With
+    eval_prompts > 0 the final reward is the evaluation of the last adapter."""
     failed = {id(f.run) for f in failures}
     results = []
     for run in runs:
@@ -490,7 +545,17 @@ def collect(runs: Sequence[PlannedRun], failures: Sequence[Failure]) -> list[Run
         if RunDir.open(run.run_dir).completed_rounds < run.config.num_rounds:
             continue
         rounds = [r for r in read_round_records(run.run_dir) if r["round"] <= run.config.num_rounds]
-        results.append(RunResult(run, rounds, summarize_run(rounds)))
+        summary = summarize_run(rounds)
+        if eval_prompts:
+            evaluated = json.loads(eval_path(run, eval_prompts).read_text())["rewards"]
+            if sorted(evaluated) != sorted(summary["objectives"]):
+                raise ExperimentError(f"{eval_path(run, eval_prompts)} scores {sorted(evaluated)}, the run "
+                                      f"{summary['objectives']}")
+            summary["final_reward"] = {name: float(evaluated[name]) for name in summary["objectives"]}
+        summary["final_reward_source"] = (f"firm eval of round {run.config.num_rounds}'s adapter on {eval_prompts} "
+                                          "prompts" if eval_prompts else "last round record (rollouts of the "
+                                          "adapter that round started from)")
+        results.append(RunResult(run, rounds, summary))
     names = {tuple(r.summary["objectives"]) for r in results}
     if len(names) > 1:
         raise ExperimentError(f"runs report different objectives: {sorted(names)}")
@@ -558,7 +623,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def reference_text(names: Sequence[str], reference: Sequence[float], fixed: bool) -> str:
     point = ", ".join(f"{n} = {v:.4g}" for n, v in zip(names, reference))
     how = ("fixed by --reference-point" if fixed else
-           "per objective the lowest reward any round of any run of this experiment recorded, minus "
+           "per objective the lowest reward that any round record or final reward of any run of this experiment "
+           "shows, minus "
            f"{REFERENCE_MARGIN_FRACTION:.0%} of that objective's observed range; comparable within this "
            "experiment only")
     return f"Hypervolume reference point: ({point}): {how}."
@@ -733,9 +799,11 @@ def compare_tables(results: Sequence[RunResult], partitions: Sequence[str], grou
                         "(n): the claim of the paper the row tests.\n\n"
                         + markdown_table(["metric", "better is", *[f"{reference} vs {o}" for o in others]],
                                          verdict_rows))
-            if "linear" in others:
-                text.append("\nlinear's lambda is fixed to the preference, so its lambda drift is 0 by construction; "
-                            "the drift claim is about mgda and fsmgda.\n")
+            constant = [g for g in ("linear", "fsmgda") if g in others]
+            if constant:
+                text.append(f"\nlambda drift of {' and '.join(constant)} is 0 by construction (linear: lambda = p "
+                            "fixed; fsmgda: one lambda chosen by the server); for them the drift claim rests on the "
+                            "adapter distance.\n")
     return "\n".join(text), {"aggregates": aggregates, "verdicts": verdicts, "reference_algorithm": reference}
 
 
@@ -743,6 +811,7 @@ def run_compare(args: argparse.Namespace) -> int:
     algorithms = parse_names(args.algorithms, ALGORITHMS, "algorithms")
     partitions = parse_names(args.partitions, PARTITIONS, "partitions")
     seeds = parse_seeds(args.seeds)
+    check_eval_prompts(args.eval_prompts)
     flags = list(args.train_args)
     namespace = parse_train_flags(flags, HARNESS_FLAGS_COMPARE)
     out = Path(args.out).resolve()
@@ -752,13 +821,14 @@ def run_compare(args: argparse.Namespace) -> int:
     num_objectives = len(runs[0].config.reward_specs())
     fixed_reference = parse_reference_point(args.reference_point, num_objectives)
     warn_seeds(seeds)
-    failures = execute_plan(runs, flags, dry_run=args.dry_run)
+    failures = execute_plan(runs, flags, dry_run=args.dry_run, eval_prompts=args.eval_prompts)
     if args.dry_run:
         return 0
-    results = collect(runs, failures)
+    results = collect(runs, failures, args.eval_prompts)
     if results:
         names = results[0].summary["objectives"]
-        reference = fixed_reference or reference_point([r.rounds for r in results], names)
+        reference = fixed_reference or reference_point([r.rounds for r in results], names,
+                                                       finals=[r.summary["final_reward"] for r in results])
         add_hypervolumes(results, reference)
         groups = [a for a in algorithms if any(r.run.group == a for r in results)]
         tables, extra = compare_tables(results, partitions, groups)
@@ -784,13 +854,14 @@ def write_outputs(out: Path, experiment: str, command: str, settings: dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     header = [f"# firm {experiment}: {out}", "", f"Command: `{command}`", "",
               f"Settings: {json.dumps(settings)}.", "", reference_text(names, reference, fixed), "",
+              f"Final reward: {results[0].summary['final_reward_source']}.", "",
               "Values are mean ± sample std (ddof 1) over seeds; smoothness = std over rounds of the round-to-round "
               "change of the mean reward (lower = smoother); lambda drift = mean over rounds of the std of lambda "
               "across clients; bytes are per client per round, as the server's counters logged them.", ""]
     if failures:
         header += ["FAILED runs (left out of every number below): "
                    + "; ".join(f"{f.run.describe()}: {f.reason}" for f in failures), ""]
-    (out / "table.md").write_text("\n".join(header) + tables)
+    (out / "table.md").write_text("\n".join(header) + "\n" + tables)
     plots = plot()
     payload = {"experiment": experiment, "command": command, "settings": settings,
                "reference_point": dict(zip(names, reference)), "reference_point_fixed": fixed,
@@ -817,11 +888,21 @@ def pareto_group(algorithm: str, beta: float | None) -> str:
     return algorithm if beta is None else f"{algorithm} (beta={beta:g})"
 
 
+def depends_on_beta(algorithm: str) -> bool:
+    """Whether beta changes what the algorithm does: linear uses p as fixed weights (no solver),
+    and the unregularized methods (mgda, fsmgda) set beta to 0. Pareto runs the others at every
+    beta and these once per preference."""
+    if algorithm == "linear":
+        return False
+    return FirmConfig(algorithm=algorithm, beta=1.0).effective_beta() != FirmConfig(algorithm=algorithm,
+                                                                                 beta=0.0).effective_beta()
+
+
 def plan_pareto(namespace: argparse.Namespace, out: Path, algorithms: Sequence[str], betas: Sequence[float],
                 preferences: Sequence[tuple[float, ...]], partition: str, seeds: Sequence[int]) -> list[PlannedRun]:
     runs = []
     for algorithm in algorithms:
-        for beta in ([None] if algorithm in BETA_FREE_ALGORITHMS else betas):
+        for beta in (betas if depends_on_beta(algorithm) else [None]):
             folder = algorithm if beta is None else f"{algorithm}-beta{beta:g}"
             for preference in preferences:
                 for seed in seeds:
@@ -856,7 +937,7 @@ def pareto_tables(results: Sequence[RunResult], groups: Sequence[str], preferenc
         front = pareto_front_summary(group, rows, results, names, seeds, reference)
         fronts[group] = front
         front_rows.append(front_row(group, front, names))
-    text = ("## points (final round)\n\n"
+    text = ("## points (final reward per preference)\n\n"
             + markdown_table(["algorithm", "preference", "seeds", *[f"final reward {n}" for n in names],
                               f"lambda[{names[0]}] (mean over rounds)"], point_rows)
             + "\n## fronts\n\n"
@@ -895,13 +976,21 @@ def pareto_front_summary(group: str, rows: Sequence[dict[str, Any]], results: Se
     return {
         "hypervolume": aggregate(per_seed_hv).to_dict(),
         "rank_correlation": dict(zip(names, correlations)),
-        "rho_per_seed": aggregate([r for r in per_seed_rho if r is not None]).to_dict(),
-        "order_follows_preferences": bool(correlations) and all(c["rho"] is not None and c["rho"] >= 1 - 1e-9
-                                                               for c in correlations),
+        "rho_per_seed": aggregate(per_seed_rho, "constant rewards on a seed: no order").to_dict(),
+        "order_follows_preferences": order_follows(correlations),
         "moves_beyond_spread": (compare_stats(by_p1[-1]["reward"][0], by_p1[0]["reward"][0], higher_is_better=True)
                                 if len(by_p1) >= 2 else "n/a (one preference)"),
         "lambda_1_range": [min(lambdas), max(lambdas)] if lambdas else None,
     }
+
+
+def order_follows(correlations: Sequence[dict[str, Any]]) -> bool | None:
+    """True when every objective's final reward has exactly the order of its preference weight
+    (rho = +1); False when one has not; None when that cannot be told (constant rewards)."""
+    known = [c["rho"] for c in correlations if c["rho"] is not None]
+    if any(rho < 1 - 1e-9 for rho in known):
+        return False
+    return True if known and len(known) == len(correlations) else None
 
 
 def front_row(group: str, front: dict[str, Any], names: Sequence[str]) -> list[str]:
@@ -916,7 +1005,7 @@ def front_row(group: str, front: dict[str, Any], names: Sequence[str]) -> list[s
     return [group, format_stat(Stat(hv["mean"], hv["std"], hv["n"], hv.get("note", ""))),
             *[rho_text(front["rank_correlation"].get(n)) for n in names],
             format_stat(Stat(seeds_rho["mean"], seeds_rho["std"], seeds_rho["n"], seeds_rho.get("note", ""))),
-            "yes" if front["order_follows_preferences"] else "no",
+            {True: "yes", False: "no", None: "n/a"}[front["order_follows_preferences"]],
             "yes (larger)" if front["moves_beyond_spread"] == "better" else front["moves_beyond_spread"],
             "n/a" if lam is None else f"{lam[0]:.3f} .. {lam[1]:.3f}"]
 
@@ -926,6 +1015,7 @@ def run_pareto(args: argparse.Namespace) -> int:
     if args.partition not in PARTITIONS:
         raise ExperimentError(f"--partition must be one of {', '.join(PARTITIONS)}, got {args.partition!r}")
     seeds = parse_seeds(args.seeds)
+    check_eval_prompts(args.eval_prompts)
     betas = parse_betas(args.betas)
     flags = list(args.train_args)
     namespace = parse_train_flags(flags, HARNESS_FLAGS_PARETO)
@@ -938,13 +1028,14 @@ def run_pareto(args: argparse.Namespace) -> int:
     if len(preferences) < MIN_PREFERENCES:
         print(f"warning: {len(preferences)} preferences; a front needs >= {MIN_PREFERENCES} to say much",
               file=sys.stderr)
-    failures = execute_plan(runs, flags, dry_run=args.dry_run)
+    failures = execute_plan(runs, flags, dry_run=args.dry_run, eval_prompts=args.eval_prompts)
     if args.dry_run:
         return 0
-    results = collect(runs, failures)
+    results = collect(runs, failures, args.eval_prompts)
     if results:
         names = results[0].summary["objectives"]
-        reference = fixed_reference or reference_point([r.rounds for r in results], names)
+        reference = fixed_reference or reference_point([r.rounds for r in results], names,
+                                                       finals=[r.summary["final_reward"] for r in results])
         add_hypervolumes(results, reference)
         groups = list(dict.fromkeys(r.group for r in runs if any(x.run.group == r.group for x in results)))
         tables, extra, points = pareto_tables(results, groups, preferences, seeds, reference)
@@ -983,7 +1074,7 @@ def add_experiment_commands(subparsers) -> None:
                              "('' = p_1 in 0.1, 0.3, 0.5, 0.7, 0.9 for two objectives)")
     pareto.add_argument("--betas", default="0.01",
                         help="comma-separated beta values; each beta-dependent algorithm (firm) runs at each")
-    pareto.add_argument("--partition", default="iid", help="prompt partition of every run")
+    pareto.add_argument("--partition", default="iid", choices=PARTITIONS, help="prompt partition of every run")
     add_common_options(pareto)
     pareto.set_defaults(func=run_pareto)
 
@@ -993,8 +1084,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-point", default="",
                         help="fixed hypervolume reference point, one value per objective "
                              "('' = lowest observed reward minus 1%% of its range)")
+    parser.add_argument("--eval-prompts", type=int, default=0,
+                        help="score each run's final adapter with `firm eval` on this many prompts and use that as "
+                             "the final reward (0 = the last round record, whose rollouts predate the last update)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and commands, run nothing")
-    parser.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS", help="flags for every `firm train`")
+    parser.add_argument("train_args", nargs="*", default=[], metavar="-- TRAIN_FLAGS",
+                        help="flags for every `firm train` run, after a lone --")
 
 
 __all__ = ["ExperimentError", "add_experiment_commands", "run_compare", "run_pareto", "summarize_run", "smoothness",
