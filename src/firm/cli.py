@@ -244,12 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.set_defaults(func=cmd_eval)
 
-    try:
-        from firm.reward_cli import add_reward_commands
-    except ImportError:
-        pass
-    else:
-        add_reward_commands(sub)
+    from firm.experiments import add_experiment_commands
+    from firm.reward_cli import add_reward_commands
+
+    add_reward_commands(sub)
+    add_experiment_commands(sub)
     return parser
 
 

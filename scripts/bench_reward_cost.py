@@ -1,0 +1,107 @@
+"""How much does rewarding a rollout batch cost next to generating it?
+
+FIRM scores every sampled batch with each objective's reward model. If scoring cost as
+much as sampling, the rewards would double the price of a PPO step; the target is that
+rewarding a batch takes at most a quarter of the time the default policy took to generate
+it. This script generates a batch of embedded prompts with the default policy and settings
+(``firm.config`` preset "default"), then scores it with each reward, and prints both times
+and their ratio (median over --repeats after a warm-up).
+
+    python scripts/bench_reward_cost.py                       # the shipped embedded rewards
+    python scripts/bench_reward_cost.py --rewards embedded:helpful,civility --threads 2
+    python scripts/bench_reward_cost.py --causal-lm-reward    # also time a SmolLM2-135M reward head
+
+``--causal-lm-reward`` times a SmolLM2-135M sequence classifier (the other backbone
+``firm reward fit`` offers) on the same batch: its cost does not depend on its training,
+so an untrained head measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+
+def median_seconds(action, repeats: int) -> float:
+    """Median wall time of ``action()`` over ``repeats`` runs, after one untimed warm-up."""
+    action()
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rewards", default=None, help="comma-separated reward specs (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a busy shared CPU, token-by-token decoding "
+                             "with several threads can stall on thread synchronisation)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--causal-lm-reward", action="store_true",
+                        help="also time a SmolLM2-135M scalar-head reward on the same batch")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from firm.config import build_config
+    from firm.models import load_policy
+    from firm.prompts import load_embedded_prompts
+    from firm.rewards import build_reward
+    from firm.trainer import generate
+
+    overrides = {"rollout_batch_size": args.batch_size}
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.rewards is not None:
+        overrides["rewards"] = args.rewards
+    config = build_config("default", overrides)
+    prompts = random.Random(args.seed).sample(load_embedded_prompts(), args.batch_size)
+    policy, tokenizer = load_policy(config.policy, dtype=config.dtype)
+    rewards = {spec: build_reward(spec) for spec in config.reward_specs()}
+
+    batch: list = []
+
+    def sample() -> None:
+        batch[:] = generate(policy, tokenizer, prompts, config).responses
+
+    generation_seconds = median_seconds(sample, args.repeats)
+    responses = list(batch)
+    mean_words = sum(len(r.split()) for r in responses) / len(responses)
+    print(f"threads {torch.get_num_threads()}, batch {len(prompts)} prompts, max_new_tokens "
+          f"{config.max_new_tokens}, temperature {config.temperature} (mean response {mean_words:.0f} words)")
+    print(f"generate (policy {config.policy}): {generation_seconds:.2f} s")
+
+    scoring = {spec: median_seconds(lambda r=reward: r.score(prompts, responses), args.repeats)
+               for spec, reward in rewards.items()}
+    for spec, seconds in scoring.items():
+        print(f"score    {spec}: {seconds:.3f} s")
+    total = sum(scoring.values())
+    ratio = total / generation_seconds
+    verdict = "meets" if ratio <= 0.25 else "misses"
+    print(f"all rewards: {total:.3f} s = {ratio:.3f} x generation ({verdict} the 0.25 target)")
+
+    if args.causal_lm_reward:
+        from firm.reward_model import FittedRewardModel, load_base
+
+        model, reward_tokenizer = load_base("smollm2", None)
+        causal = FittedRewardModel(model, reward_tokenizer, {
+            "objective": "untrained-smollm2", "backbone": "smollm2",
+            "input_format": {"kind": "causal-lm", "max_length": 256, "max_response_tokens": 192}})
+        seconds = median_seconds(lambda: causal.score(prompts, responses), args.repeats)
+        print(f"score    SmolLM2-135M reward head (one objective): {seconds:.3f} s = "
+              f"{seconds / generation_seconds:.3f} x generation; two such rewards: "
+              f"{2 * seconds / generation_seconds:.3f} x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Do the helpfulness and harmlessness rewards pull against each other where they should?
+
+Multi-objective alignment only has something to balance if the objectives conflict. On
+requests a careful assistant declines ("decline/*" in the embedded prompt set), a reply
+that complies in detail should look helpful and harmful at once, so across sampled replies
+the two rewards should correlate negatively. On ordinary requests ("ordinary/*") a good
+reply is both, so the correlation should not be negative.
+
+The script samples replies from the default policy (settings of the "default" preset),
+scores them with both rewards and reports, per group, the Pearson and Spearman correlation
+over all replies, the within-prompt correlation (each prompt's mean removed, so that only
+the difference between replies to the same request counts), and a 95% bootstrap interval
+over prompts for the pooled Pearson correlation.
+
+    python scripts/reward_conflict.py                            # 24 prompts x 4 samples per group
+    python scripts/reward_conflict.py --prompts-per-group 60 --samples 2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+
+def within_prompt_centered(values: np.ndarray, prompt_ids: np.ndarray) -> np.ndarray:
+    """Subtract each prompt's mean, leaving only the differences between its replies."""
+    centered = values.astype(np.float64).copy()
+    for prompt_id in np.unique(prompt_ids):
+        rows = prompt_ids == prompt_id
+        centered[rows] -= centered[rows].mean()
+    return centered
+
+
+def bootstrap_pearson_ci(helpful: np.ndarray, harmless: np.ndarray, prompt_ids: np.ndarray,
+                         resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the pooled Pearson correlation, resampling whole prompts
+    (replies to one prompt are not independent)."""
+    from firm.reward_model import pearson_spearman
+
+    rng = np.random.default_rng(seed)
+    unique = np.unique(prompt_ids)
+    rows_of = {prompt_id: np.flatnonzero(prompt_ids == prompt_id) for prompt_id in unique}
+    estimates = []
+    for _ in range(resamples):
+        rows = np.concatenate([rows_of[p] for p in rng.choice(unique, size=len(unique), replace=True)])
+        value = pearson_spearman(helpful[rows], harmless[rows])[0]
+        if not np.isnan(value):
+            estimates.append(value)
+    low, high = np.percentile(estimates, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[int]) -> dict:
+    from firm.reward_model import pearson_spearman
+
+    helpful_array, harmless_array = np.asarray(helpful), np.asarray(harmless)
+    ids = np.asarray(prompt_ids)
+    pearson, spearman = pearson_spearman(helpful_array, harmless_array)
+    within, _ = pearson_spearman(within_prompt_centered(helpful_array, ids), within_prompt_centered(harmless_array, ids))
+    return {
+        "responses": len(helpful), "prompts": len(set(prompt_ids)),
+        "pearson": pearson, "spearman": spearman, "within_prompt_pearson": within,
+        "pearson_ci95": bootstrap_pearson_ci(helpful_array, harmless_array, ids),
+        "mean_helpful": float(helpful_array.mean()), "mean_harmless": float(harmless_array.mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--helpful", default="embedded:helpful", help="helpfulness reward spec")
+    parser.add_argument("--harmless", default="embedded:harmless", help="harmlessness reward spec")
+    parser.add_argument("--prompts-per-group", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a busy shared CPU, token-by-token decoding "
+                             "with several threads can stall on thread synchronisation)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--examples", type=int, default=2, help="replies to print per group")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from firm.config import build_config
+    from firm.models import load_policy
+    from firm.prompts import load_embedded_prompts
+    from firm.rewards import build_reward
+    from firm.trainer import generate
+
+    overrides = {"rollout_batch_size": args.batch_size}
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    config = build_config("default", overrides)
+    rng = random.Random(args.seed)
+    by_group: dict[str, list] = defaultdict(list)
+    for prompt in load_embedded_prompts():
+        by_group[prompt.group].append(prompt)
+    chosen = {group: rng.sample(by_group[group], min(args.prompts_per_group, len(by_group[group])))
+              for group in ("decline", "ordinary")}
+
+    policy, tokenizer = load_policy(config.policy, dtype=config.dtype)
+    helpful_reward, harmless_reward = build_reward(args.helpful), build_reward(args.harmless)
+    started = time.perf_counter()
+    reports, examples = {}, {}
+    for group, prompts in chosen.items():
+        jobs = [(prompt_id, prompt) for prompt_id, prompt in enumerate(prompts) for _ in range(args.samples)]
+        helpful, harmless, ids, replies = [], [], [], []
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start:start + args.batch_size]
+            batch_prompts = [prompt for _, prompt in batch]
+            responses = generate(policy, tokenizer, batch_prompts, config).responses
+            helpful += helpful_reward.score(batch_prompts, responses).tolist()
+            harmless += harmless_reward.score(batch_prompts, responses).tolist()
+            ids += [prompt_id for prompt_id, _ in batch]
+            replies += [(prompt.text, response) for prompt, response in zip(batch_prompts, responses)]
+        reports[group] = group_report(helpful, harmless, ids)
+        order = np.argsort(np.asarray(helpful) - np.asarray(harmless))
+        examples[group] = [{"prompt": replies[i][0], "response": replies[i][1], "helpful": helpful[i],
+                            "harmless": harmless[i]} for i in list(order[-args.examples:])[::-1]]
+
+    if args.json:
+        print(json.dumps({"helpful": args.helpful, "harmless": args.harmless, "max_new_tokens": config.max_new_tokens,
+                          "samples_per_prompt": args.samples, "groups": reports, "examples": examples}, indent=2))
+        return
+    print(f"{args.helpful} vs {args.harmless}; {args.samples} samples per prompt, max_new_tokens "
+          f"{config.max_new_tokens}, temperature {config.temperature} ({time.perf_counter() - started:.0f} s)")
+    for group, report in reports.items():
+        low, high = report["pearson_ci95"]
+        print(f"{group:9s} {report['responses']:4d} replies / {report['prompts']:3d} prompts: "
+              f"Pearson {report['pearson']:+.3f} (95% CI {low:+.3f} to {high:+.3f}), "
+              f"Spearman {report['spearman']:+.3f}, within-prompt Pearson {report['within_prompt_pearson']:+.3f}; "
+              f"mean helpful {report['mean_helpful']:+.2f}, harmless {report['mean_harmless']:+.2f}")
+        for example in examples[group]:
+            print(f"    most helpful-over-harmless: helpful {example['helpful']:+.2f} harmless {example['harmless']:+.2f}"
+                  f" | {example['prompt'][:60]!r} -> {example['response'][:100]!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Reward-model pipeline: pair files, prompt split, Bradley-Terry fit, save/load, evaluation.
+
+Fits use tiny BERT / Llama models built from a config with an in-memory word-level tokenizer,
+so the whole file runs in seconds; one test checks a shipped model on real held-out pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from firm.reward_cli import add_reward_commands
+from firm.reward_model import (
+    BACKBONES,
+    DESCRIPTOR_FILE,
+    EMBEDDED_REWARD_DIR,
+    FitConfig,
+    FittedRewardModel,
+    InputFormat,
+    PairFileError,
+    PreferencePair,
+    RewardModelError,
+    as_hh_prompt,
+    collate,
+    encode_example,
+    evaluate_pairs,
+    fit_reward_model,
+    forward_from_states,
+    frozen_block_states,
+    hh_to_messages,
+    load_base,
+    load_pairs,
+    messages_to_hh,
+    pairwise_report,
+    pearson_spearman,
+    split_by_prompt,
+    split_hh_transcript,
+)
+
+SHARED_DATA = Path(os.environ.get("FIRM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+TOPICS = ["lock", "car", "bank", "phone", "door", "house", "store", "friend", "neighbor", "school"]
+REFUSALS = ["sorry i cannot help with that", "no i will not do that it is wrong", "i cannot assist please stay safe"]
+COMPLIANCES = ["sure here is how to break it", "yes first you steal the key", "ok just hit them hard"]
+WORDS = sorted({w for text in REFUSALS + COMPLIANCES for w in text.split()}
+               | set(TOPICS) | {"human", "assistant", "how", "do", "i", "rob", "the", "a", ":", "?"})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models are all small ops: with several threads on a busy CPU they wait on each
+    other far longer than they compute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def build_tokenizer(directory: Path, with_bert_specials: bool = True):
+    """A word-level tokenizer over WORDS, saved as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: index for index, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"} if with_bert_specials \
+        else {"eos_token": "[SEP]"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", **extra)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = build_tokenizer(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(directory, with_bert_specials=False)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def synthetic_records(n: int) -> list[dict]:
+    """HH-style harmlessness pairs: the refusal is always chosen over the compliance."""
+    records = []
+    for index in range(n):
+        topic = TOPICS[index % len(TOPICS)]
+        prompt = f"\n\nHuman: how do i rob the {topic} ?" + ("\n\nAssistant: how ?\n\nHuman: the " + topic) * (index % 3)
+        refusal, compliance = REFUSALS[index % 3], COMPLIANCES[(index // 3) % 3]
+        records.append({"chosen": f"{prompt}\n\nAssistant: {refusal}",
+                        "rejected": f"{prompt}\n\nAssistant: {compliance}"})
+    return records
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    text = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n"
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="firm")
+    add_reward_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+TINY_FIT = ["--epochs", "12", "--learning-rate", "5e-3", "--batch-pairs", "4", "--lora-r", "4",
+            "--max-length", "64", "--max-response-tokens", "16"]
+
+
+@pytest.fixture(scope="module")
+def fitted_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """`firm reward fit` on 40 synthetic pairs with a tiny BERT, through the CLI."""
+    work = tmp_path_factory.mktemp("fit")
+    data = write_jsonl(work / "pairs.jsonl.gz", synthetic_records(40))
+    out = work / "harmless"
+    code = run_cli(["reward", "fit", "--data", str(data), "--out", str(out), "--base-path", str(tiny_bert_dir),
+                    "--test-fraction", "0.2", *TINY_FIT])
+    assert code == 0
+    return out
+
+
+# --- pair files --------------------------------------------------------------------------------
+
+
+def test_hh_transcript_prompt_ends_at_the_last_assistant_turn():
+    transcript = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"
+    prompt, response = split_hh_transcript(transcript)
+    assert prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
+    assert response == "fine, thanks"
+    assert hh_to_messages(prompt) == (("user", "hi"), ("assistant", "hello"), ("user", "how are you?"))
+    assert messages_to_hh(hh_to_messages(prompt)) == prompt
+    assert as_hh_prompt("Name a color.") == "\n\nHuman: Name a color.\n\nAssistant:"
+
+
+def test_load_pairs_reads_both_formats(tmp_path):
+    hh = write_jsonl(tmp_path / "hh.jsonl.gz", synthetic_records(3))
+    explicit = write_jsonl(tmp_path / "explicit.jsonl", [
+        {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "No."},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+    ])
+    hh_pairs = load_pairs(hh)
+    assert len(hh_pairs) == 3 and hh_pairs[0].chosen == REFUSALS[0]
+    assert hh_pairs[0].origin == f"{hh}:1"
+    first, second = load_pairs(explicit)
+    assert first == PreferencePair("\n\nHuman: Name a color.\n\nAssistant:", "Blue.", "No.", f"{explicit}:1")
+    assert (second.prompt, second.chosen, second.rejected) == ("\n\nHuman: Hi\n\nAssistant:", "Hello!", "Go away.")
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ("{not json", "invalid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b"}', "missing key 'rejected'"),
+    ('{"chosen": "no turns here", "rejected": "none here"}', "no \"\\n\\nAssistant:\" turn"),
+    ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: c\\n\\nAssistant: d"}',
+     "differ before the last Assistant turn"),
+    ('{"prompt": "", "chosen": "a", "rejected": "b"}', "'prompt' is empty"),
+    ('{"prompt": "q", "chosen": 3, "rejected": "b"}', "'chosen' must be a string"),
+])
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_malformed_pair_file_fails_with_file_and_line(tmp_path, bad_line, problem, suffix):
+    good = json.dumps({"prompt": "Name a color.", "chosen": "Blue.", "rejected": "No."})
+    path = write_jsonl(tmp_path / f"pairs{suffix}", [good, "", bad_line, good])
+    with pytest.raises(PairFileError) as caught:
+        load_pairs(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:3: "), message
+    assert problem in message
+
+
+def test_missing_empty_and_unreadable_pair_files_fail_clearly(tmp_path):
+    with pytest.raises(PairFileError, match="no such pair file"):
+        load_pairs(tmp_path / "absent.jsonl")
+    with pytest.raises(PairFileError, match="no preference pairs"):
+        load_pairs(write_jsonl(tmp_path / "empty.jsonl", [""]))
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(b"not gzip at all")
+    with pytest.raises(PairFileError, match="cannot read"):
+        load_pairs(broken)
+    with pytest.raises(PairFileError, match="expected hf:OWNER/NAME"):
+        load_pairs("hf:no-owner")
+
+
+def test_split_by_prompt_is_disjoint_and_deterministic():
+    records = synthetic_records(30)
+    pairs = [PreferencePair(*split_hh_transcript(r["chosen"]), split_hh_transcript(r["rejected"])[1]) for r in records]
+    train, test = split_by_prompt(pairs, 0.3, seed=1)
+    assert len(train) + len(test) == len(pairs) and test
+    first_turn = lambda pair: hh_to_messages(pair.prompt)[0][1]  # noqa: E731
+    assert not {first_turn(p) for p in train} & {first_turn(p) for p in test}
+    assert (train, test) == split_by_prompt(pairs, 0.3, seed=1)
+    assert test != split_by_prompt(pairs, 0.3, seed=2)[1]
+
+
+# --- fitting, saving, loading ----------------------------------------------------------------------
+
+
+def test_fit_on_a_few_dozen_pairs_moves_held_in_accuracy_above_chance(fitted_dir, tiny_bert_dir):
+    descriptor = json.loads((fitted_dir / DESCRIPTOR_FILE).read_text())
+    assert descriptor["objective"] == "harmless"
+    assert descriptor["data"]["n_test"] > 0 and descriptor["heldout"]["n_pairs"] == descriptor["data"]["n_test"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        assert (fitted_dir / name).is_file(), name
+    assert "Held-out accuracy" in (fitted_dir / "README.md").read_text()
+
+    model = FittedRewardModel.load(fitted_dir)
+    train, _ = split_by_prompt(load_pairs(descriptor["data"]["source"]), 0.2, seed=0)
+    assert evaluate_pairs(model.score_hh, train).accuracy >= 0.8
+
+    # The same data through an untrained head is at chance: the fit, not the data, did this.
+    untrained, _ = fit_reward_model(train, FitConfig(base_path=str(tiny_bert_dir), epochs=1, learning_rate=0.0))
+    assert evaluate_pairs(untrained.score_hh, train).accuracy < 0.8
+
+
+def test_saved_model_reloads_and_scores_identically(tmp_path, tiny_bert_dir):
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(12)))
+    config = FitConfig(objective="harmless", base_path=str(tiny_bert_dir), epochs=2, learning_rate=5e-3,
+                       batch_pairs=4, lora_r=4, max_length=64, max_response_tokens=16)
+    model, _ = fit_reward_model(pairs, config)
+    prompts = [pair.prompt for pair in pairs]
+    responses = [pair.chosen for pair in pairs]
+    before = model.score(prompts, responses)
+    model.save(tmp_path / "saved")
+    after = FittedRewardModel.load(tmp_path / "saved").score(prompts, responses)
+    assert before.dtype == torch.float32 and before.shape == (len(pairs),)
+    assert torch.equal(before, after)
+
+
+def test_causal_lm_backbone_fits_and_reloads(tmp_path, tiny_llama_dir):
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(16)))
+    config = FitConfig(objective="harmless", backbone="smollm2", base_path=str(tiny_llama_dir), epochs=6,
+                       learning_rate=5e-3, batch_pairs=4, lora_r=4, max_length=64, max_response_tokens=16,
+                       trainable_layers=1)
+    model, _ = fit_reward_model(pairs, config)
+    assert evaluate_pairs(model.score_hh, pairs).accuracy >= 0.75
+    model.save(tmp_path / "saved")
+    reloaded = FittedRewardModel.load(tmp_path / "saved")
+    assert torch.equal(model.score_hh([p.prompt for p in pairs], [p.rejected for p in pairs]),
+                       reloaded.score_hh([p.prompt for p in pairs], [p.rejected for p in pairs]))
+
+
+@pytest.mark.parametrize("backbone, base_fixture", [("minilm", "tiny_bert_dir"), ("smollm2", "tiny_llama_dir")])
+def test_replaying_cached_frozen_blocks_matches_the_full_forward(request, backbone, base_fixture):
+    """Training with the frozen blocks cached must see exactly the model that scoring runs."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    base, tokenizer = load_base(backbone, str(request.getfixturevalue(base_fixture)))
+    spec = BACKBONES[backbone]
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=spec["lora_targets"],
+                                            layers_to_transform=[1], layers_pattern=spec["layers_pattern"],
+                                            init_lora_weights=False)).eval()
+    fmt = InputFormat(spec["kind"], max_length=64, max_response_tokens=16)
+    pairs = [split_hh_transcript(record["chosen"]) for record in synthetic_records(6)]
+    examples = [encode_example(tokenizer, fmt, prompt, response) for prompt, response in pairs]
+    with torch.no_grad():
+        full = model(**collate(examples, tokenizer.pad_token_id, fmt.kind)).logits[:, 0]
+        states = frozen_block_states(model, examples, 1, tokenizer.pad_token_id, fmt.kind, dtype=torch.float32)
+        replayed = forward_from_states(model, examples, states, 1, tokenizer.pad_token_id, fmt.kind)
+    assert torch.allclose(full, replayed, atol=1e-5)
+
+
+def test_too_few_pairs_and_bad_directories_fail_clearly(tmp_path, tiny_bert_dir):
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(3)))
+    with pytest.raises(RewardModelError, match="at least 8"):
+        fit_reward_model(pairs, FitConfig(base_path=str(tiny_bert_dir)))
+    with pytest.raises(RewardModelError, match="not a fitted reward model"):
+        FittedRewardModel.load(tmp_path)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+
+
+def keyword_reward(hh_prompts, responses) -> torch.Tensor:
+    """A hand-checkable reward: the number of times "good" occurs in the response."""
+    return torch.tensor([float(response.split().count("good")) for response in responses])
+
+
+HAND_PAIRS = [  # (chosen, rejected): win, win, win, tie, loss
+    ("good", "bad"),
+    ("good good", "good"),
+    ("good and fine", "fine"),
+    ("bad", "worse"),
+    ("fine", "good"),
+]
+
+
+def test_eval_accuracy_equals_the_hand_count(tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "hand.jsonl", [{"prompt": f"q{index}", "chosen": chosen, "rejected": rejected}
+                                                 for index, (chosen, rejected) in enumerate(HAND_PAIRS)])
+
+    class HandReward:
+        score_hh = staticmethod(keyword_reward)
+
+    monkeypatch.setattr("firm.reward_cli._build_reward", lambda spec: HandReward())
+    assert run_cli(["reward", "eval", "--model", "hand", "--data", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_pairs"] == 5
+    assert report["accuracy"] == pytest.approx((3 + 0.5) / 5)  # a tie is half a win
+    assert report["ties"] == 1
+    assert report["mean_margin"] == pytest.approx((1 + 1 + 1 + 0 - 1) / 5)
+    assert report["ci95"][0] <= report["accuracy"] <= report["ci95"][1]
+    assert report["longer_chosen_rate"] == pytest.approx((1 + 1 + 1 + 0 + 0.5) / 5)  # "fine" vs "good": a tie
+
+
+def test_pairwise_report_interval_and_length_correlation():
+    perfect = pairwise_report([2.0] * 50, [1.0] * 50, [10] * 50, [5] * 50)
+    assert perfect.accuracy == 1.0 and perfect.ci95 == (1.0, 1.0)
+    mixed = pairwise_report([1.0, 0.0] * 100, [0.0, 1.0] * 100, [1, 2] * 100, [3, 4] * 100)
+    assert mixed.accuracy == 0.5 and mixed.ci95[0] < 0.5 < mixed.ci95[1]
+    pearson, spearman = pearson_spearman([1, 2, 3, 4], [10, 20, 30, 1000])
+    assert spearman == pytest.approx(1.0) and 0.5 < pearson < 1.0
+
+
+def test_eval_of_a_fitted_directory_through_the_reward_interface(fitted_dir, capsys):
+    pytest.importorskip("firm.rewards", reason="firm.rewards (the reward interface) is not in this checkout")
+    descriptor = json.loads((fitted_dir / DESCRIPTOR_FILE).read_text())
+    code = run_cli(["reward", "eval", "--model", str(fitted_dir), "--data", descriptor["data"]["source"],
+                    "--split", "test", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == pytest.approx(descriptor["heldout"]["accuracy"])
+
+
+# --- the shipped models -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, data", [("harmless", "hh-rlhf/harmless-base-test-a.jsonl.gz"),
+                                        ("helpful", "alpaca-eval/gpt4-pairs-a.jsonl.gz")])
+def test_shipped_model_ranks_held_out_pairs(name, data):
+    path = SHARED_DATA / data
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path} (set FIRM_SHARED_DATA)")
+    directory = EMBEDDED_REWARD_DIR / name
+    descriptor = json.loads((directory / DESCRIPTOR_FILE).read_text())
+    split = descriptor["data"]["split"]
+    _, test = split_by_prompt(load_pairs(path), split["test_fraction"], split["seed"])
+    report = evaluate_pairs(FittedRewardModel.load(directory).score_hh, test[:20])
+    assert report.accuracy > 0.5, report.format()
