@@ -31,6 +31,11 @@ def finished_run(tiny_policy_dir, tmp_path_factory):
 
 
 def test_simulation_writes_the_run_directory(finished_run, tiny_policy_dir):
+    import os
+
+    from firm.server_app import RUN_DIR_ENV
+
+    assert RUN_DIR_ENV not in os.environ, "firm train must not leak its run dir into the environment"
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     clients = [r for r in records if r["type"] == "client"]
     rounds = [r for r in records if r["type"] == "round"]

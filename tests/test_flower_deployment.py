@@ -73,6 +73,7 @@ def free_port() -> int:
 
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     env = os.environ.copy()
+    env.pop("FIRM_RUN_DIR", None)  # the ServerApp must take its run dir from the run config here
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",

@@ -65,13 +65,19 @@ def run_simulation(config: FirmConfig, run_path: Path, verbose: bool) -> None:
     from firm.server_app import RUN_DIR_ENV
     from firm.server_app import app as server_app
 
-    os.environ[RUN_DIR_ENV] = str(run_path)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     cpus = os.cpu_count() or 1
     backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus,
                       "include_dashboard": False, "log_to_driver": verbose}}
-    flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
-                        backend_config=backend_config, verbose_logging=verbose)
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_path)  # read by the ServerApp; never left behind
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_clients,
+                            backend_config=backend_config, verbose_logging=verbose)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
 
 
 class Progress:

@@ -31,8 +31,7 @@ class FirmConfig:
     seed: int = 0
     """seeds prompt partitioning, sampling and LoRA initialisation"""
     algorithm: str = "firm"
-    """firm: in-client regularized MGDA; mgda: the same with beta = 0; linear: fixed weights = preference;
-    fsmgda: server-side MGDA over per-objective client updates (uploads M adapters)"""
+    """firm: in-client regularized MGDA; mgda: beta = 0; linear: fixed weights p; fsmgda: server-side MGDA (uploads M adapters)"""
 
     # --- federation ------------------------------------------------------------------------
     num_clients: int = 4

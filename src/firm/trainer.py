@@ -343,9 +343,9 @@ class FirmLocalTrainer:
 def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float | list[float]]:
     """Flatten a round's stats into the per-client metrics that go into Flower's MetricRecord.
 
-    Every key is present whatever happened (Flower requires identical keys across replies);
-    values that have no meaning in a round where every step was skipped are NaN-free: lambda
-    falls back to the preference-free uniform vector and is flagged by skipped_steps.
+    Every key is present whatever happened (Flower requires identical keys across replies), and
+    no value is NaN: in a round where every step was skipped, lambda is reported as the uniform
+    vector, the losses as 0, and steps = 0 with skipped_steps > 0 says so.
     """
     M = len(reward_names)
     scores = torch.cat(stats.scores).double()
