@@ -247,13 +247,24 @@ def load_pairs(source: str | Path, limit: int | None = None) -> list[PreferenceP
     path = Path(text)
     if not path.is_file():
         raise PairFileError(f"{path}: no such pair file")
+    def records():
+        for line_number, line in _read_jsonl(path):
+            where = f"{path}:{line_number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise PairFileError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+
+    pairs = _collect_pairs(records(), limit)
+    if not pairs:
+        raise PairFileError(f"{path}: no preference pairs in the file")
+    return pairs
+
+
+def _collect_pairs(records, limit: int | None) -> list[PreferencePair]:
+    """Parse (where, record) items into pairs, naming the place of the first bad record."""
     pairs: list[PreferencePair] = []
-    for line_number, line in _read_jsonl(path):
-        where = f"{path}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise PairFileError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+    for where, record in records:
         try:
             prompt, chosen, rejected = parse_pair_record(record)
         except ValueError as error:
@@ -261,8 +272,6 @@ def load_pairs(source: str | Path, limit: int | None = None) -> list[PreferenceP
         pairs.append(PreferencePair(prompt, chosen, rejected, where))
         if limit is not None and len(pairs) >= limit:
             break
-    if not pairs:
-        raise PairFileError(f"{path}: no preference pairs in the file")
     return pairs
 
 
@@ -283,16 +292,7 @@ def _load_hub_pairs(spec: str, limit: int | None) -> list[PreferencePair]:
     except Exception as error:  # network, missing dataset, bad split: all end the same way
         raise PairFileError(f"{spec}: cannot load the dataset from the Hugging Face hub "
                             f"({type(error).__name__}: {error})") from None
-    pairs = []
-    for row_number, record in enumerate(dataset, start=1):
-        where = f"{spec} row {row_number}"
-        try:
-            prompt, chosen, rejected = parse_pair_record(record)
-        except ValueError as error:
-            raise PairFileError(f"{where}: {error}") from None
-        pairs.append(PreferencePair(prompt, chosen, rejected, where))
-        if limit is not None and len(pairs) >= limit:
-            break
+    pairs = _collect_pairs(((f"{spec} row {n}", record) for n, record in enumerate(dataset, start=1)), limit)
     if not pairs:
         raise PairFileError(f"{spec}: the dataset split is empty")
     return pairs
