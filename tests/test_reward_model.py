@@ -271,6 +271,48 @@ def test_causal_lm_backbone_fits_and_reloads(tmp_path, tiny_llama_dir):
                        reloaded.score_hh([p.prompt for p in pairs], [p.rejected for p in pairs]))
 
 
+WORD_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                      "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def test_truncated_chat_template_causal_lm_fits_and_reloads(tmp_path):
+    """num_layers keeps the first blocks only; the chat-template input ends with end-of-turn."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base_dir = tmp_path / "tiny-llama-3"
+    tokenizer = build_tokenizer(base_dir, with_bert_specials=False)
+    tokenizer.chat_template = WORD_CHAT_TEMPLATE
+    tokenizer.save_pretrained(base_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                                 max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)).save_pretrained(base_dir)
+
+    fmt = InputFormat("causal-lm", max_length=64, max_response_tokens=4, chat_template=True)
+    ids, _ = encode_example(tokenizer, fmt, "\n\nHuman: how do i rob the car ?\n\nAssistant:",
+                            "sure here is how to break it")
+    assert tokenizer.decode(ids).split() == ["[UNK]", ":", "how", "do", "i", "rob", "the", "car", "?", "[SEP]",
+                                             "assistant", ":", "sure", "here", "is", "[SEP]"]
+
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(16)))
+    config = FitConfig(objective="harmless", backbone="smollm2", base_path=str(base_dir), num_layers=2,
+                       chat_template=True, epochs=6, learning_rate=5e-3, batch_pairs=4, lora_r=4,
+                       max_length=64, max_response_tokens=16, trainable_layers=1)
+    model, _ = fit_reward_model(pairs, config)
+    assert model.model.get_base_model().config.num_hidden_layers == 2
+    assert len(model.model.get_base_model().model.layers) == 2
+    assert evaluate_pairs(model.score_hh, pairs).accuracy >= 0.75
+    model.save(tmp_path / "saved")
+    reloaded = FittedRewardModel.load(tmp_path / "saved")
+    assert reloaded.descriptor["num_layers"] == 2 and reloaded.input_format.chat_template
+    prompts, rejected = [p.prompt for p in pairs], [p.rejected for p in pairs]
+    assert torch.equal(model.score_hh(prompts, rejected), reloaded.score_hh(prompts, rejected))
+    with pytest.raises(RewardModelError, match="num_layers must be between 1 and 3"):
+        load_base("smollm2", str(base_dir), num_layers=4)
+    with pytest.raises(RewardModelError, match="causal-LM backbones only"):
+        fit_reward_model(pairs, FitConfig(backbone="minilm", chat_template=True))
+
+
 @pytest.mark.parametrize("backbone, base_fixture", [("minilm", "tiny_bert_dir"), ("smollm2", "tiny_llama_dir")])
 def test_replaying_cached_frozen_blocks_matches_the_full_forward(request, backbone, base_fixture):
     """Training with the frozen blocks cached must see exactly the model that scoring runs."""

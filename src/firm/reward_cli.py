@@ -47,6 +47,12 @@ def add_reward_commands(subparsers) -> None:
                      help="minilm: MiniLM-L6 cross-encoder (fast, the default); smollm2: the embedded SmolLM2-135M causal LM")
     fit.add_argument("--base-path", default=None,
                      help="a local Hugging Face model directory to use instead of the backbone's packaged weights")
+    fit.add_argument("--num-layers", type=int, default=_DEFAULTS.num_layers,
+                     help="keep only the first N transformer blocks of the backbone: scoring then costs N / all "
+                          "of a full forward pass (default: all blocks)")
+    fit.add_argument("--chat-template", action="store_true",
+                     help="causal-LM backbones: read the conversation in the tokenizer's chat template, as the "
+                          "chat policy writes it (default: HH plain text)")
     fit.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out (default 0.2)")
     fit.add_argument("--split-seed", type=int, default=0, help="seed of the prompt split (default 0)")
     fit.add_argument("--max-train-pairs", type=int, default=None,
@@ -88,7 +94,8 @@ def run_fit(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     objective = args.objective or Path(args.out).name
     config = FitConfig(
-        objective=objective, backbone=args.backbone, base_path=args.base_path, epochs=args.epochs,
+        objective=objective, backbone=args.backbone, base_path=args.base_path, num_layers=args.num_layers,
+        chat_template=args.chat_template, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_pairs=args.batch_pairs, lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r, trainable_layers=args.trainable_layers, max_length=args.max_length, max_response_tokens=args.max_response_tokens,
         seed=args.seed)

@@ -327,11 +327,14 @@ class InputFormat:
     The response is kept from its start (``max_response_tokens``) and the prompt from its end,
     so long multi-turn transcripts lose their oldest turns, never the response being judged.
     Encoders read ``[CLS] prompt [SEP] response [SEP]``; causal LMs read the HH transcript
-    ``prompt + " " + response`` and the head scores its last token."""
+    ``prompt + " " + response`` (``chat_template`` False) or the conversation in the tokenizer's
+    chat template, response closed by the end-of-turn token, exactly as a chat policy writes it
+    (``chat_template`` True). The head scores the last token."""
 
     kind: str  # "encoder" or "causal-lm"
     max_length: int = 256
     max_response_tokens: int = 192
+    chat_template: bool = False
 
 
 def encode_example(tokenizer, fmt: InputFormat, hh_prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -348,7 +351,13 @@ def encode_example(tokenizer, fmt: InputFormat, hh_prompt: str, response: str) -
         ids = [tokenizer.cls_token_id, *prompt_ids, tokenizer.sep_token_id, *response_ids, tokenizer.sep_token_id]
         types = [0] * (len(prompt_ids) + 2) + [1] * (len(response_ids) + 1)
         return ids, types
-    response_ids = tokens(" " + response)[: fmt.max_response_tokens]
+    if fmt.chat_template:
+        messages = [{"role": role, "content": content} for role, content in hh_to_messages(hh_prompt)]
+        prompt_ids = tokens(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        # The end-of-turn token closes the reply even when the reply is cut: the head reads it.
+        response_ids = tokens(response)[: fmt.max_response_tokens - 1] + [tokenizer.eos_token_id]
+    else:
+        response_ids = tokens(" " + response)[: fmt.max_response_tokens]
     room = max(fmt.max_length - len(response_ids), 0)
     prompt_ids = prompt_ids[max(len(prompt_ids) - room, 0):] if room else []
     ids = [*prompt_ids, *response_ids]
@@ -384,12 +393,14 @@ def _embedded_policy_dir() -> Path:
     return Path(resolve_policy_path("embedded"))
 
 
-def load_base(backbone: str, base_path: str | None):
+def load_base(backbone: str, base_path: str | None, num_layers: int | None = None):
     """Build the frozen base model (with a fresh scalar head) and its tokenizer.
 
     ``base_path`` None means the packaged default for ``backbone``; a directory means any
-    Hugging Face model of the backbone's kind (tests use tiny ones built from a config)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    Hugging Face model of the backbone's kind (tests use tiny ones built from a config).
+    ``num_layers`` keeps only the first N transformer blocks (the head reads block N's output
+    through the model's final norm): a reward that costs N / all of a full forward pass."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     if backbone not in BACKBONES:
         raise RewardModelError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
@@ -400,8 +411,15 @@ def load_base(backbone: str, base_path: str | None):
     if not directory.is_dir():
         raise RewardModelError(f"{directory}: base model directory not found")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    with _quiet_transformers():  # the "classifier newly initialised" report is expected here
-        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1)
+    overrides: dict[str, Any] = {}
+    if num_layers is not None:
+        available = AutoConfig.from_pretrained(directory).num_hidden_layers
+        if not 1 <= num_layers <= available:
+            raise RewardModelError(f"{directory}: num_layers must be between 1 and {available}, got {num_layers}")
+        overrides["num_hidden_layers"] = num_layers
+    # Quiet: "classifier newly initialised" (and, when truncated, "unused weights") is expected.
+    with _quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, **overrides)
     if BACKBONES[backbone]["kind"] == "causal-lm":
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -568,7 +586,7 @@ class FittedRewardModel:
 
         directory = Path(path)
         descriptor = read_descriptor(directory)
-        base, tokenizer = load_base(descriptor["backbone"], descriptor.get("base_path"))
+        base, tokenizer = load_base(descriptor["backbone"], descriptor.get("base_path"), descriptor.get("num_layers"))
         model = PeftModel.from_pretrained(base, directory, is_trainable=False)
         return cls(model, tokenizer, descriptor, device)
 
@@ -629,6 +647,10 @@ class FitConfig:
     objective: str = "reward"
     backbone: str = "minilm"
     base_path: str | None = None
+    # Keep only the first N blocks of the backbone (None: all): cheaper scoring, see load_base.
+    num_layers: int | None = None
+    # Causal LMs: read the conversation in the tokenizer's chat template (see InputFormat).
+    chat_template: bool = False
     epochs: int = 2
     learning_rate: float = 5e-4
     batch_pairs: int = 8
@@ -703,7 +725,9 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
         raise RewardModelError("epochs and pairs per batch must be at least 1")
     fit_started = time.perf_counter()
     torch.manual_seed(config.seed)
-    base, tokenizer = load_base(config.backbone, config.base_path)
+    if config.chat_template and BACKBONES[config.backbone]["kind"] != "causal-lm":
+        raise RewardModelError("the chat template input is for causal-LM backbones only")
+    base, tokenizer = load_base(config.backbone, config.base_path, config.num_layers)
     spec = BACKBONES[config.backbone]
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=spec["lora_targets"],
@@ -711,7 +735,8 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
                       layers_pattern=spec["layers_pattern"] if config.trainable_layers else None,
                       modules_to_save=list(spec["fully_trained"]) or None)
     model = get_peft_model(base, lora)
-    fmt = InputFormat(BACKBONES[config.backbone]["kind"], config.max_length, config.max_response_tokens)
+    fmt = InputFormat(BACKBONES[config.backbone]["kind"], config.max_length, config.max_response_tokens,
+                      config.chat_template)
 
     # Tokenise once; every epoch reuses the ids.
     chosen = [encode_example(tokenizer, fmt, pair.prompt, pair.chosen) for pair in train_pairs]
@@ -780,8 +805,11 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
         "backbone": config.backbone,
         "base_path": config.base_path,
         "base_hub_id": BACKBONES[config.backbone]["hub_id"] if config.base_path is None else None,
+        "num_layers": config.num_layers,
         "input_format": asdict(fmt),
         "formulation": ("cross-encoder over [CLS] HH prompt [SEP] response [SEP]" if fmt.kind == "encoder"
+                        else "chat-template conversation + response + end-of-turn token, scalar head on that token"
+                        if fmt.chat_template
                         else "HH transcript prompt + ' ' + response, scalar head on the last token"),
         "weights": "adapter_model.safetensors: LoRA matrices and the scalar head (PEFT format)",
         "fit_config": asdict(config),
@@ -968,7 +996,8 @@ def model_card(descriptor: dict[str, Any]) -> str:
         f"# FIRM reward model: {descriptor['objective']}",
         "",
         f"A Bradley-Terry reward model (higher = more preferred) fitted by `firm reward fit`. "
-        f"Backbone `{descriptor['backbone']}` ({base}) with LoRA adapters (r={fit.get('lora_r')}) on "
+        f"Backbone `{descriptor['backbone']}` ({base}"
+        f"{', first ' + str(descriptor['num_layers']) + ' blocks only' if descriptor.get('num_layers') else ''}) with LoRA adapters (r={fit.get('lora_r')}) on "
         f"{'the top ' + str(fit['trainable_layers']) if fit.get('trainable_layers') else 'all'} transformer blocks "
         f"and a scalar head; input: {descriptor['formulation']}, at most {descriptor['input_format']['max_length']} tokens "
         f"(the prompt is cut from the left, the response kept from its start).",
@@ -1007,8 +1036,9 @@ def model_card(descriptor: dict[str, Any]) -> str:
         "```",
         "",
         "Or `firm reward eval --model path/to/this/directory --data pairs.jsonl`. With hub access the "
-        "directory also loads as a plain PEFT adapter (`AutoPeftModelForSequenceClassification`); "
-        "build inputs as described above.",
+        "directory also loads as a plain PEFT adapter (`AutoPeftModelForSequenceClassification`"
+        + (f", passing `num_hidden_layers={descriptor['num_layers']}`" if descriptor.get("num_layers") else "")
+        + "); build inputs as described above.",
         "",
     ]
     return "\n".join(lines)
