@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from _policy_batch import add_generation_flags, sampling_config
+
 
 def median_seconds(action, repeats: int) -> float:
     """Median wall time of ``action()`` over ``repeats`` runs, after one untimed warm-up."""
@@ -40,31 +42,18 @@ def median_seconds(action, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rewards", default=None, help="comma-separated reward specs (default: the config's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a busy shared CPU, token-by-token decoding "
-                             "with several threads can stall on thread synchronisation)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_generation_flags(parser)
     parser.add_argument("--causal-lm-reward", action="store_true",
                         help="also time a SmolLM2-135M scalar-head reward on the same batch")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
 
-    from firm.config import build_config
     from firm.models import load_policy
     from firm.prompts import load_embedded_prompts
     from firm.rewards import build_reward
     from firm.trainer import generate
 
-    overrides = {"rollout_batch_size": args.batch_size}
-    if args.max_new_tokens is not None:
-        overrides["max_new_tokens"] = args.max_new_tokens
-    if args.rewards is not None:
-        overrides["rewards"] = args.rewards
-    config = build_config("default", overrides)
+    config = sampling_config(args, **({"rewards": args.rewards} if args.rewards is not None else {}))
     prompts = random.Random(args.seed).sample(load_embedded_prompts(), args.batch_size)
     policy, tokenizer = load_policy(config.policy, dtype=config.dtype)
     rewards = {spec: build_reward(spec) for spec in config.reward_specs()}

@@ -25,7 +25,8 @@ import time
 from collections import defaultdict
 
 import numpy as np
-import torch
+
+from _policy_batch import add_generation_flags, sampling_config
 
 
 def within_prompt_centered(values: np.ndarray, prompt_ids: np.ndarray) -> np.ndarray:
@@ -77,28 +78,17 @@ def main() -> None:
     parser.add_argument("--harmless", default="embedded:harmless", help="harmlessness reward spec")
     parser.add_argument("--prompts-per-group", type=int, default=24)
     parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a busy shared CPU, token-by-token decoding "
-                             "with several threads can stall on thread synchronisation)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_generation_flags(parser)
     parser.add_argument("--examples", type=int, default=2, help="replies to print per group")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
 
-    from firm.config import build_config
     from firm.models import load_policy
     from firm.prompts import load_embedded_prompts
     from firm.rewards import build_reward
     from firm.trainer import generate
 
-    overrides = {"rollout_batch_size": args.batch_size}
-    if args.max_new_tokens is not None:
-        overrides["max_new_tokens"] = args.max_new_tokens
-    config = build_config("default", overrides)
+    config = sampling_config(args)
     rng = random.Random(args.seed)
     by_group: dict[str, list] = defaultdict(list)
     for prompt in load_embedded_prompts():

@@ -1,0 +1,31 @@
+"""Set-up shared by the reward scripts (bench_reward_cost.py, reward_conflict.py): the
+generation flags they both take and the default-preset config they sample with."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """--batch-size, --max-new-tokens, --threads and --seed, as both scripts read them."""
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a busy shared CPU, token-by-token decoding "
+                             "with several threads can stall on thread synchronisation)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def sampling_config(args: argparse.Namespace, **overrides):
+    """Apply --threads and --seed, and return the "default" preset's config with the batch
+    size, --max-new-tokens and ``overrides`` set."""
+    from firm.config import build_config
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    overrides["rollout_batch_size"] = args.batch_size
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    return build_config("default", overrides)
