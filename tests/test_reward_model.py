@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,8 +29,10 @@ from firm.reward_model import (
     RewardModelError,
     as_hh_prompt,
     collate,
+    cross_validated_accuracy,
     encode_example,
     evaluate_pairs,
+    fit_linear_bradley_terry,
     fit_reward_model,
     forward_from_states,
     frozen_block_states,
@@ -39,6 +42,7 @@ from firm.reward_model import (
     messages_to_hh,
     pairwise_report,
     pearson_spearman,
+    pool_response_states,
     split_by_prompt,
     split_hh_transcript,
 )
@@ -291,7 +295,7 @@ def test_truncated_chat_template_causal_lm_fits_and_reloads(tmp_path):
     fmt = InputFormat("causal-lm", max_length=64, max_response_tokens=4, chat_template=True)
     ids, _ = encode_example(tokenizer, fmt, "\n\nHuman: how do i rob the car ?\n\nAssistant:",
                             "sure here is how to break it")
-    assert tokenizer.decode(ids).split() == ["[UNK]", ":", "how", "do", "i", "rob", "the", "car", "?", "[SEP]",
+    assert tokenizer.decode(ids).split() == ["[UNK]", ":", "[SEP]", "[UNK]", ":", "how", "do", "i", "rob", "the", "car", "?", "[SEP]",
                                              "assistant", ":", "sure", "here", "is", "[SEP]"]
 
     pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(16)))
@@ -311,6 +315,63 @@ def test_truncated_chat_template_causal_lm_fits_and_reloads(tmp_path):
         load_base("smollm2", str(base_dir), num_layers=4)
     with pytest.raises(RewardModelError, match="causal-LM backbones only"):
         fit_reward_model(pairs, FitConfig(backbone="minilm", chat_template=True))
+
+
+def test_linear_bradley_terry_matches_a_direct_minimisation():
+    """scikit-learn's mirrored logistic regression solves  mean softplus(-d.w) + l2/2 |w|^2."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(0)
+    differences = rng.normal(size=(60, 5)) + np.array([0.8, -0.3, 0.0, 0.0, 0.2])
+    for l2 in (0.05, 1.0):
+        def objective(w):
+            margins = differences @ w
+            return np.logaddexp(0.0, -margins).mean() + 0.5 * l2 * w @ w
+
+        reference = minimize(objective, np.zeros(5), method="BFGS", options={"gtol": 1e-10}).x
+        np.testing.assert_allclose(fit_linear_bradley_terry(differences, l2), reference, atol=1e-4)
+    with pytest.raises(ValueError, match="l2 must be positive"):
+        fit_linear_bradley_terry(differences, 0.0)
+
+
+def test_cross_validated_accuracy_separates_signal_from_noise():
+    rng = np.random.default_rng(1)
+    groups = [f"prompt-{index // 2}" for index in range(200)]
+    signal = rng.normal(size=(200, 4)) + np.array([2.0, 0.0, 0.0, 0.0])
+    assert cross_validated_accuracy(signal, groups, l2=0.1) > 0.9
+    noise = rng.normal(size=(200, 4)) * rng.choice([-1.0, 1.0], size=(200, 1))
+    assert 0.3 < cross_validated_accuracy(noise, groups, l2=0.1) < 0.7
+
+
+def test_pool_response_states_takes_the_last_token_and_the_response_mean():
+    states = torch.tensor([[1.0, 0.0], [2.0, 4.0], [4.0, 8.0]])
+    pooled = pool_response_states(states, [0, 1, 1])
+    assert torch.equal(pooled, torch.tensor([4.0, 8.0, 3.0, 6.0]))
+    assert torch.equal(pool_response_states(states, [0, 0, 0])[2:], states.mean(dim=0))
+
+
+def test_probe_head_fits_saves_and_reloads(tmp_path, tiny_llama_dir):
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(30)))
+    config = FitConfig(objective="harmless", backbone="smollm2", base_path=str(tiny_llama_dir), head="probe",
+                       probe_l2=(0.01, 0.1), max_length=64, max_response_tokens=16)
+    model, stats = fit_reward_model(pairs, config)
+    assert set(stats["cv_accuracy_by_l2"]) == {"0.01", "0.1"} and stats["l2"] in (0.01, 0.1)
+    assert evaluate_pairs(model.score_hh, pairs).accuracy >= 0.75
+    model.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / "probe_head.safetensors").is_file()
+    assert not (tmp_path / "saved" / "adapter_model.safetensors").exists()
+    assert "linear head" in (tmp_path / "saved" / "README.md").read_text()
+    reloaded = FittedRewardModel.load(tmp_path / "saved")
+    prompts, chosen = [p.prompt for p in pairs], [p.chosen for p in pairs]
+    assert torch.allclose(model.score_hh(prompts, chosen), reloaded.score_hh(prompts, chosen), atol=1e-5)
+
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3), "bias": torch.zeros(())}, tmp_path / "saved" / "probe_head.safetensors")
+    with pytest.raises(RewardModelError, match="probe_head.safetensors: expected 'weight' \\[64\\]"):
+        FittedRewardModel.load(tmp_path / "saved")
+    with pytest.raises(RewardModelError, match="unknown head 'mlp'"):
+        fit_reward_model(pairs, FitConfig(head="mlp"))
 
 
 @pytest.mark.parametrize("backbone, base_fixture", [("minilm", "tiny_bert_dir"), ("smollm2", "tiny_llama_dir")])

@@ -16,6 +16,7 @@ import torch
 
 from firm.reward_model import (
     BACKBONES,
+    HEADS,
     FitConfig,
     RewardModelError,
     evaluate_pairs,
@@ -53,6 +54,12 @@ def add_reward_commands(subparsers) -> None:
     fit.add_argument("--chat-template", action="store_true",
                      help="causal-LM backbones: read the conversation in the tokenizer's chat template, as the "
                           "chat policy writes it (default: HH plain text)")
+    fit.add_argument("--head", choices=HEADS, default=_DEFAULTS.head,
+                     help="lora: LoRA adapters + scalar head trained end to end (default); probe: frozen backbone "
+                          "and a linear head on its top block, L2 picked by cross-validation over prompts")
+    fit.add_argument("--probe-l2", type=_float_list, default=_DEFAULTS.probe_l2,
+                     help="probe head: comma-separated L2 strengths to cross-validate (default "
+                          f"{','.join(f'{v:g}' for v in _DEFAULTS.probe_l2)})")
     fit.add_argument("--test-fraction", type=float, default=0.2, help="share of prompts held out (default 0.2)")
     fit.add_argument("--split-seed", type=int, default=0, help="seed of the prompt split (default 0)")
     fit.add_argument("--max-train-pairs", type=int, default=None,
@@ -95,7 +102,7 @@ def run_fit(args: argparse.Namespace) -> int:
     objective = args.objective or Path(args.out).name
     config = FitConfig(
         objective=objective, backbone=args.backbone, base_path=args.base_path, num_layers=args.num_layers,
-        chat_template=args.chat_template, epochs=args.epochs,
+        chat_template=args.chat_template, head=args.head, probe_l2=args.probe_l2, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_pairs=args.batch_pairs, lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r, trainable_layers=args.trainable_layers, max_length=args.max_length, max_response_tokens=args.max_response_tokens,
         seed=args.seed)
@@ -147,6 +154,16 @@ def hh_scorer(reward: Any):
         return reward.score(prompts, list(responses))
 
     return score
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def _set_threads(threads: int | None) -> None:

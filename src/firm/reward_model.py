@@ -38,6 +38,8 @@ import torch.nn.functional as F
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 DESCRIPTOR_FILE = "firm_reward.json"
+PROBE_HEAD_FILE = "probe_head.safetensors"
+HEADS = ("lora", "probe")
 FORMAT_NAME = "firm-reward"
 FORMAT_VERSION = 1
 EMBEDDED_REWARD_DIR = Path(__file__).resolve().parent / "data" / "reward_models"
@@ -329,7 +331,9 @@ class InputFormat:
     Encoders read ``[CLS] prompt [SEP] response [SEP]``; causal LMs read the HH transcript
     ``prompt + " " + response`` (``chat_template`` False) or the conversation in the tokenizer's
     chat template, response closed by the end-of-turn token, exactly as a chat policy writes it
-    (``chat_template`` True). The head scores the last token."""
+    (``chat_template`` True; an empty system turn stands in for a template's default system
+    prompt, which says nothing about the reply and would cost a quarter of the tokens). The
+    head scores the last token; for causal LMs the token types mark the response (1)."""
 
     kind: str  # "encoder" or "causal-lm"
     max_length: int = 256
@@ -353,6 +357,8 @@ def encode_example(tokenizer, fmt: InputFormat, hh_prompt: str, response: str) -
         return ids, types
     if fmt.chat_template:
         messages = [{"role": role, "content": content} for role, content in hh_to_messages(hh_prompt)]
+        if not messages or messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": ""})
         prompt_ids = tokens(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         # The end-of-turn token closes the reply even when the reply is cut: the head reads it.
         response_ids = tokens(response)[: fmt.max_response_tokens - 1] + [tokenizer.eos_token_id]
@@ -360,8 +366,7 @@ def encode_example(tokenizer, fmt: InputFormat, hh_prompt: str, response: str) -
         response_ids = tokens(" " + response)[: fmt.max_response_tokens]
     room = max(fmt.max_length - len(response_ids), 0)
     prompt_ids = prompt_ids[max(len(prompt_ids) - room, 0):] if room else []
-    ids = [*prompt_ids, *response_ids]
-    return ids, [0] * len(ids)
+    return [*prompt_ids, *response_ids], [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
@@ -539,8 +544,11 @@ class FittedRewardModel:
     Holds a PEFT-wrapped sequence classifier, its tokenizer and the ``firm_reward.json``
     descriptor. ``name`` is the objective label ("helpful", "harmless", ...)."""
 
-    def __init__(self, model, tokenizer, descriptor: dict[str, Any], device: str = "cpu"):
+    def __init__(self, model, tokenizer, descriptor: dict[str, Any], device: str = "cpu",
+                 probe_head: dict[str, torch.Tensor] | None = None):
         self.model = model.to(device).eval()
+        # A "probe" model: frozen backbone, linear head on pooled features (see _fit_probe).
+        self.probe_head = probe_head
         self.tokenizer = tokenizer
         self.descriptor = descriptor
         self.device = device
@@ -566,6 +574,10 @@ class FittedRewardModel:
         if len(hh_prompts) != len(responses):
             raise ValueError(f"{len(hh_prompts)} prompts but {len(responses)} responses")
         examples = [encode_example(self.tokenizer, self.input_format, p, r) for p, r in zip(hh_prompts, responses)]
+        if self.probe_head is not None:
+            features = probe_features(self.model, examples, self.tokenizer.pad_token_id, self.input_format.kind,
+                                      batch_size)
+            return features @ self.probe_head["weight"] + self.probe_head["bias"]
         return _score_examples(self.model, examples, self.tokenizer.pad_token_id,
                                self.input_format.kind, batch_size, self.device)
 
@@ -573,8 +585,14 @@ class FittedRewardModel:
         """Write the adapter (Hugging Face PEFT format), ``firm_reward.json`` and README.md."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
-        _set_adapter_base_name(directory, self.descriptor)
+        if self.probe_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({name: value.contiguous() for name, value in self.probe_head.items()},
+                      directory / PROBE_HEAD_FILE)
+        else:
+            self.model.save_pretrained(directory)
+            _set_adapter_base_name(directory, self.descriptor)
         (directory / DESCRIPTOR_FILE).write_text(json.dumps(self.descriptor, indent=2) + "\n")
         (directory / "README.md").write_text(model_card(self.descriptor))
         return directory
@@ -587,8 +605,24 @@ class FittedRewardModel:
         directory = Path(path)
         descriptor = read_descriptor(directory)
         base, tokenizer = load_base(descriptor["backbone"], descriptor.get("base_path"), descriptor.get("num_layers"))
+        if descriptor.get("head", "lora") == "probe":
+            return cls(base, tokenizer, descriptor, device, probe_head=_load_probe_head(directory, base))
         model = PeftModel.from_pretrained(base, directory, is_trainable=False)
         return cls(model, tokenizer, descriptor, device)
+
+
+def _load_probe_head(directory: Path, base) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = directory / PROBE_HEAD_FILE
+    if not path.is_file():
+        raise RewardModelError(f"{directory}: probe reward model without its {PROBE_HEAD_FILE}")
+    head = load_file(path)
+    width = 2 * base.config.hidden_size
+    if set(head) != {"weight", "bias"} or tuple(head["weight"].shape) != (width,) or head["bias"].numel() != 1:
+        raise RewardModelError(f"{path}: expected 'weight' [{width}] and a scalar 'bias', got "
+                               f"{ {name: tuple(value.shape) for name, value in head.items()} }")
+    return {"weight": head["weight"].float(), "bias": head["bias"].float().reshape(())}
 
 
 def read_descriptor(directory: Path) -> dict[str, Any]:
@@ -651,6 +685,11 @@ class FitConfig:
     num_layers: int | None = None
     # Causal LMs: read the conversation in the tokenizer's chat template (see InputFormat).
     chat_template: bool = False
+    # "lora": LoRA adapters and a scalar head trained end to end. "probe": the backbone stays
+    # frozen and a linear Bradley-Terry head reads its top block (see _fit_probe).
+    head: str = "lora"
+    # Probe heads: L2 strengths tried by 5-fold cross-validation over prompts; the best is kept.
+    probe_l2: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
     epochs: int = 2
     learning_rate: float = 5e-4
     batch_pairs: int = 8
@@ -723,10 +762,14 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
                                f"room for the prompt within max length ({config.max_length})")
     if config.epochs < 1 or config.batch_pairs < 1:
         raise RewardModelError("epochs and pairs per batch must be at least 1")
-    fit_started = time.perf_counter()
-    torch.manual_seed(config.seed)
+    if config.head not in HEADS:
+        raise RewardModelError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
     if config.chat_template and BACKBONES[config.backbone]["kind"] != "causal-lm":
         raise RewardModelError("the chat template input is for causal-LM backbones only")
+    if config.head == "probe":
+        return _fit_probe(train_pairs, config, log)
+    fit_started = time.perf_counter()
+    torch.manual_seed(config.seed)
     base, tokenizer = load_base(config.backbone, config.base_path, config.num_layers)
     spec = BACKBONES[config.backbone]
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
@@ -798,7 +841,14 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
         "last_epoch_loss": round(epoch_loss / len(train_pairs), 4),
         "last_epoch_running_accuracy": round(epoch_correct / len(train_pairs), 4),
     }
-    descriptor = {
+    descriptor = _descriptor(config, fmt, stats,
+                             "adapter_model.safetensors: LoRA matrices and the scalar head (PEFT format)")
+    return FittedRewardModel(model, tokenizer, descriptor), stats
+
+
+def _descriptor(config: FitConfig, fmt: InputFormat, stats: dict[str, Any], weights: str) -> dict[str, Any]:
+    """``firm_reward.json`` of a fresh fit: what to load, how inputs are built, how it was trained."""
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "objective": config.objective,
@@ -806,16 +856,121 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
         "base_path": config.base_path,
         "base_hub_id": BACKBONES[config.backbone]["hub_id"] if config.base_path is None else None,
         "num_layers": config.num_layers,
+        "head": config.head,
         "input_format": asdict(fmt),
         "formulation": ("cross-encoder over [CLS] HH prompt [SEP] response [SEP]" if fmt.kind == "encoder"
-                        else "chat-template conversation + response + end-of-turn token, scalar head on that token"
-                        if fmt.chat_template
-                        else "HH transcript prompt + ' ' + response, scalar head on the last token"),
-        "weights": "adapter_model.safetensors: LoRA matrices and the scalar head (PEFT format)",
+                        else "chat-template conversation + response + end-of-turn token" if fmt.chat_template
+                        else "HH transcript prompt + ' ' + response"),
+        "weights": weights,
         "fit_config": asdict(config),
         "training": stats,
     }
-    return FittedRewardModel(model, tokenizer, descriptor), stats
+
+
+# --------------------------------------------------------------------------------------------
+# Probe heads: a linear Bradley-Terry head on frozen features
+# --------------------------------------------------------------------------------------------
+#
+# With a thousand noisy pairs (HH-RLHF harmlessness), fine-tuning even a few blocks mostly
+# learns "the shorter reply wins". Keeping the backbone frozen and fitting one regularized
+# linear direction in its feature space uses what the pretrained model already separates, and
+# the fit is a convex problem solved in seconds, with its L2 strength picked by
+# cross-validation over prompts instead of by hand.
+
+
+def pool_response_states(states: torch.Tensor, types: Sequence[int]) -> torch.Tensor:
+    """[2H] features of one example: the state of its last token, then the mean state over its
+    response tokens (token type 1; all tokens when none are marked)."""
+    mask = torch.tensor(types, dtype=torch.bool)
+    response = states[mask] if mask.any() else states
+    return torch.cat([states[-1], response.mean(dim=0)])
+
+
+def probe_features(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, kind: str,
+                   batch_size: int = 32) -> torch.Tensor:
+    """[N, 2H] float32: pooled outputs of the model's top block for each example."""
+    n_layers = len(getattr(*_backbone_parts(model)[1:]))
+    states = frozen_block_states(model, examples, n_layers, pad_id, kind, batch_size, dtype=torch.float32)
+    return torch.stack([pool_response_states(state, types) for state, (_, types) in zip(states, examples)])
+
+
+def fit_linear_bradley_terry(differences: np.ndarray, l2: float) -> np.ndarray:
+    """w minimising  mean_i log(1 + exp(-d_i . w)) + l2 / 2 |w|^2  over feature differences
+    d_i = f(chosen_i) - f(rejected_i). No intercept: an offset cancels within a pair.
+
+    Solved by scikit-learn's logistic regression on the pairs (label 1) and their mirror
+    images (label 0): its objective C * sum(loss) + |w|^2 / 2 over the 2n rows is the one
+    above, scaled, when C = 1 / (2 n l2)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if l2 <= 0:
+        raise ValueError(f"l2 must be positive, got {l2}")
+    n = len(differences)
+    rows = np.concatenate([differences, -differences])
+    labels = np.concatenate([np.ones(n), np.zeros(n)])
+    solver = LogisticRegression(C=1.0 / (2 * n * l2), fit_intercept=False, max_iter=10_000, tol=1e-8)
+    return solver.fit(rows, labels).coef_[0]
+
+
+def cross_validated_accuracy(differences: np.ndarray, groups: Sequence[str], l2: float, folds: int = 5) -> float:
+    """Pairwise accuracy of ``fit_linear_bradley_terry`` on held-out folds, split by prompt group."""
+    from sklearn.model_selection import GroupKFold
+
+    correct = 0
+    for train_rows, test_rows in GroupKFold(n_splits=folds).split(differences, groups=list(groups)):
+        weights = fit_linear_bradley_terry(differences[train_rows], l2)
+        correct += int((differences[test_rows] @ weights > 0).sum())
+    return correct / len(differences)
+
+
+def _fit_probe(train_pairs: Sequence[PreferencePair], config: FitConfig,
+               log: Callable[[str], None]) -> tuple[FittedRewardModel, dict[str, Any]]:
+    """Frozen backbone, linear head on [last-token state, mean response state] of its top block.
+
+    Features are standardised on the training pairs; the L2 strength is the one of
+    ``config.probe_l2`` with the best 5-fold cross-validated accuracy (folds split by prompt;
+    ties go to the stronger pull). The standardisation is folded into the saved head, so a
+    reward is one dot product: (w / sd) . f - (w / sd) . mu, centred on the training features."""
+    if not config.probe_l2 or min(config.probe_l2) <= 0:
+        raise RewardModelError(f"probe L2 strengths must be positive, got {config.probe_l2}")
+    started = time.perf_counter()
+    base, tokenizer = load_base(config.backbone, config.base_path, config.num_layers)
+    base.eval()
+    fmt = InputFormat(BACKBONES[config.backbone]["kind"], config.max_length, config.max_response_tokens,
+                      config.chat_template)
+    chosen = [encode_example(tokenizer, fmt, pair.prompt, pair.chosen) for pair in train_pairs]
+    rejected = [encode_example(tokenizer, fmt, pair.prompt, pair.rejected) for pair in train_pairs]
+    chosen_features = probe_features(base, chosen, tokenizer.pad_token_id, fmt.kind)
+    rejected_features = probe_features(base, rejected, tokenizer.pad_token_id, fmt.kind)
+    log(f"features of {len(train_pairs)} pairs from the frozen {config.backbone} "
+        f"({base.config.num_hidden_layers} blocks): {time.perf_counter() - started:.0f}s")
+    both = torch.cat([chosen_features, rejected_features]).double()
+    mean, scale = both.mean(dim=0), both.std(dim=0) + 1e-6
+    differences = ((chosen_features.double() - rejected_features.double()) / scale).numpy()
+    groups = [prompt_group_key(pair.prompt) for pair in train_pairs]
+    folds = min(5, len(set(groups)))
+    if folds < 2:
+        raise RewardModelError("a probe needs pairs from at least 2 distinct prompts to cross-validate")
+    cv = {l2: cross_validated_accuracy(differences, groups, l2, folds) for l2 in config.probe_l2}
+    best = max(cv, key=lambda l2: (cv[l2], l2))
+    log("cross-validated accuracy by L2: " + ", ".join(f"{l2:g}: {accuracy:.3f}" for l2, accuracy in cv.items())
+        + f" -> L2 {best:g}")
+    weights = torch.from_numpy(fit_linear_bradley_terry(differences, best)) / scale
+    head = {"weight": weights.float(), "bias": (-(weights @ mean)).float()}
+    train_accuracy = float((differences @ (weights * scale).numpy() > 0).mean())
+    stats = {
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "probe_layer": base.config.num_hidden_layers,
+        "pooling": "last token + mean over response tokens",
+        "cv_folds": folds,
+        "cv_accuracy_by_l2": {f"{l2:g}": round(accuracy, 4) for l2, accuracy in cv.items()},
+        "l2": best,
+        "train_accuracy": round(train_accuracy, 4),
+    }
+    log(f"probe fitted: L2 {best:g}, train accuracy {train_accuracy:.3f} ({stats['train_seconds']:.0f}s)")
+    descriptor = _descriptor(config, fmt, stats, f"{PROBE_HEAD_FILE}: linear head (weight [2 x hidden], bias) "
+                                                 "on the frozen backbone's pooled top-block states")
+    return FittedRewardModel(base, tokenizer, descriptor, probe_head=head), stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -986,9 +1141,11 @@ def model_card(descriptor: dict[str, Any]) -> str:
     training = descriptor.get("training", {})
     fit = descriptor.get("fit_config", {})
     base = descriptor.get("base_hub_id") or descriptor.get("base_path")
+    probe = descriptor.get("head", "lora") == "probe"
+    blocks = f", first {descriptor['num_layers']} blocks only" if descriptor.get("num_layers") else ""
     lines = [
         "---",
-        "library_name: peft",
+        f"library_name: {'firm' if probe else 'peft'}",
         f"base_model: {base}",
         "tags: [reward-model, bradley-terry, firm]",
         "---",
@@ -996,10 +1153,13 @@ def model_card(descriptor: dict[str, Any]) -> str:
         f"# FIRM reward model: {descriptor['objective']}",
         "",
         f"A Bradley-Terry reward model (higher = more preferred) fitted by `firm reward fit`. "
-        f"Backbone `{descriptor['backbone']}` ({base}"
-        f"{', first ' + str(descriptor['num_layers']) + ' blocks only' if descriptor.get('num_layers') else ''}) with LoRA adapters (r={fit.get('lora_r')}) on "
-        f"{'the top ' + str(fit['trainable_layers']) if fit.get('trainable_layers') else 'all'} transformer blocks "
-        f"and a scalar head; input: {descriptor['formulation']}, at most {descriptor['input_format']['max_length']} tokens "
+        + (f"Backbone `{descriptor['backbone']}` ({base}{blocks}, frozen) with a linear head on the last-token "
+           f"and mean response states of its top block (L2 {training.get('l2')}, chosen by "
+           f"{training.get('cv_folds')}-fold cross-validation over prompts)" if probe else
+           f"Backbone `{descriptor['backbone']}` ({base}{blocks}) with LoRA adapters (r={fit.get('lora_r')}) on "
+           f"{'the top ' + str(fit['trainable_layers']) if fit.get('trainable_layers') else 'all'} transformer "
+           "blocks and a scalar head on the last token")
+        + f"; input: {descriptor['formulation']}, at most {descriptor['input_format']['max_length']} tokens "
         f"(the prompt is cut from the left, the response kept from its start).",
         "",
         "## Data and split",
@@ -1008,8 +1168,10 @@ def model_card(descriptor: dict[str, Any]) -> str:
         f"- trained on {data.get('n_train', '?')} pairs, held out {data.get('n_test', '?')} pairs; "
         f"split by {data.get('split', {}).get('by', '?')}, test fraction "
         f"{data.get('split', {}).get('test_fraction', '?')}, seed {data.get('split', {}).get('seed', '?')}",
-        f"- {fit.get('epochs')} epochs, learning rate {fit.get('learning_rate')}, "
-        f"{fit.get('batch_pairs')} pairs per batch, {training.get('train_seconds')} s on CPU",
+        (f"- cross-validated accuracy by L2: {training.get('cv_accuracy_by_l2')}; "
+         f"{training.get('train_seconds')} s on CPU" if probe else
+         f"- {fit.get('epochs')} epochs, learning rate {fit.get('learning_rate')}, "
+         f"{fit.get('batch_pairs')} pairs per batch, {training.get('train_seconds')} s on CPU"),
         "",
         "## Held-out accuracy",
         "",
@@ -1035,10 +1197,13 @@ def model_card(descriptor: dict[str, Any]) -> str:
         "reward.score([\"How do I boil an egg?\"], [\"Simmer it for nine minutes, then cool it in cold water.\"])",
         "```",
         "",
-        "Or `firm reward eval --model path/to/this/directory --data pairs.jsonl`. With hub access the "
-        "directory also loads as a plain PEFT adapter (`AutoPeftModelForSequenceClassification`"
-        + (f", passing `num_hidden_layers={descriptor['num_layers']}`" if descriptor.get("num_layers") else "")
-        + "); build inputs as described above.",
+        "Or `firm reward eval --model path/to/this/directory --data pairs.jsonl`. "
+        + (f"The head is `{PROBE_HEAD_FILE}`: reward = weight . features + bias, features as described above."
+           if probe else
+           "With hub access the directory also loads as a plain PEFT adapter "
+           "(`AutoPeftModelForSequenceClassification`"
+           + (f", passing `num_hidden_layers={descriptor['num_layers']}`" if descriptor.get("num_layers") else "")
+           + "); build inputs as described above."),
         "",
     ]
     return "\n".join(lines)
