@@ -807,6 +807,27 @@ def compare_tables(results: Sequence[RunResult], partitions: Sequence[str], grou
     return "\n".join(text), {"aggregates": aggregates, "verdicts": verdicts, "reference_algorithm": reference}
 
 
+def finish_experiment(kind: str, args: argparse.Namespace, out: Path, runs, failures, fixed_reference,
+                      settings: dict[str, Any], build) -> int:
+    """Collect the finished runs of ``compare`` or ``pareto``, score their hypervolumes against
+    one reference point, and write tables, results.json and plots. ``build(results, reference)``
+    returns the experiment's own (tables, extra results, plot function)."""
+    results = collect(runs, failures, args.eval_prompts)
+    if results:
+        names = results[0].summary["objectives"]
+        reference = fixed_reference or reference_point([r.rounds for r in results], names,
+                                                       finals=[r.summary["final_reward"] for r in results])
+        add_hypervolumes(results, reference)
+        tables, extra, plot = build(results, reference)
+        config = runs[0].config
+        settings = {**settings, "seeds": parse_seeds(args.seeds), "train_flags": list(args.train_args),
+                    "num_rounds": config.num_rounds, "num_clients": config.num_clients,
+                    "policy": config.policy, "rewards": config.rewards}
+        write_outputs(out, kind, canonical_command(kind, args), settings, names, reference,
+                      fixed_reference is not None, results, failures, tables, extra, plot)
+    return report_failures(failures, results, out)
+
+
 def run_compare(args: argparse.Namespace) -> int:
     algorithms = parse_names(args.algorithms, ALGORITHMS, "algorithms")
     partitions = parse_names(args.partitions, PARTITIONS, "partitions")
@@ -824,20 +845,13 @@ def run_compare(args: argparse.Namespace) -> int:
     failures = execute_plan(runs, flags, dry_run=args.dry_run, eval_prompts=args.eval_prompts)
     if args.dry_run:
         return 0
-    results = collect(runs, failures, args.eval_prompts)
-    if results:
-        names = results[0].summary["objectives"]
-        reference = fixed_reference or reference_point([r.rounds for r in results], names,
-                                                       finals=[r.summary["final_reward"] for r in results])
-        add_hypervolumes(results, reference)
+    def build(results, reference):
         groups = [a for a in algorithms if any(r.run.group == a for r in results)]
         tables, extra = compare_tables(results, partitions, groups)
-        settings = {"algorithms": algorithms, "partitions": partitions, "seeds": seeds, "train_flags": flags,
-                    "num_rounds": runs[0].config.num_rounds, "num_clients": runs[0].config.num_clients,
-                    "policy": runs[0].config.policy, "rewards": runs[0].config.rewards}
-        write_outputs(out, "compare", canonical_command("compare", args), settings, names, reference, fixed_reference is not None, results, failures,
-                      tables, extra, lambda: plot_compare(results, partitions, groups, out))
-    return report_failures(failures, results, out)
+        return tables, extra, lambda: plot_compare(results, partitions, groups, out)
+
+    return finish_experiment("compare", args, out, runs, failures, fixed_reference,
+                             {"algorithms": algorithms, "partitions": partitions}, build)
 
 
 def canonical_command(experiment: str, args: argparse.Namespace) -> str:
@@ -1031,21 +1045,14 @@ def run_pareto(args: argparse.Namespace) -> int:
     failures = execute_plan(runs, flags, dry_run=args.dry_run, eval_prompts=args.eval_prompts)
     if args.dry_run:
         return 0
-    results = collect(runs, failures, args.eval_prompts)
-    if results:
-        names = results[0].summary["objectives"]
-        reference = fixed_reference or reference_point([r.rounds for r in results], names,
-                                                       finals=[r.summary["final_reward"] for r in results])
-        add_hypervolumes(results, reference)
+    def build(results, reference):
         groups = list(dict.fromkeys(r.group for r in runs if any(x.run.group == r.group for x in results)))
         tables, extra, points = pareto_tables(results, groups, preferences, seeds, reference)
-        settings = {"algorithms": algorithms, "betas": betas, "preferences": [list(p) for p in preferences],
-                    "partition": args.partition, "seeds": seeds, "train_flags": flags,
-                    "num_rounds": runs[0].config.num_rounds, "num_clients": runs[0].config.num_clients,
-                    "policy": runs[0].config.policy, "rewards": runs[0].config.rewards}
-        write_outputs(out, "pareto", canonical_command("pareto", args), settings, names, reference, fixed_reference is not None, results, failures,
-                      tables, extra, lambda: plot_pareto(points, names, out))
-    return report_failures(failures, results, out)
+        return tables, extra, lambda: plot_pareto(points, results[0].summary["objectives"], out)
+
+    return finish_experiment("pareto", args, out, runs, failures, fixed_reference,
+                             {"algorithms": algorithms, "betas": betas, "preferences": [list(p) for p in preferences],
+                              "partition": args.partition}, build)
 
 
 # ---- command line ---------------------------------------------------------------------------
