@@ -493,7 +493,8 @@ def _run_blocks(model, start: int, stop: int | None, embedding_output: torch.Ten
 @torch.no_grad()
 def frozen_block_states(model, examples: Sequence[tuple[list[int], list[int]]], n_frozen: int, pad_id: int,
                         kind: str, batch_size: int = 32, dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
-    """Per example, the hidden states [tokens, hidden] after the first ``n_frozen`` blocks.
+    """Per example, the hidden states [tokens, hidden] after the first ``n_frozen`` blocks
+    (on the CPU, whatever device the model runs on).
 
     Stored in half precision by default: they are training inputs, and halving them keeps
     a few thousand 256-token sequences within a few GB."""
@@ -504,14 +505,16 @@ def frozen_block_states(model, examples: Sequence[tuple[list[int], list[int]]], 
     hook = last_frozen.register_forward_hook(
         lambda module, inputs, output: captured.append(output[0] if isinstance(output, tuple) else output))
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         with _run_blocks(model, 0, n_frozen):
             for batch in _length_sorted_batches([len(ids) for ids, _ in examples], batch_size):
                 captured.clear()
-                model(**collate([examples[index] for index in batch], pad_id, kind))
+                inputs = collate([examples[index] for index in batch], pad_id, kind)
+                model(**{key: value.to(device) for key, value in inputs.items()})
                 for row, index in enumerate(batch):
-                    states[index] = captured[-1][row, : len(examples[index][0])].to(dtype).clone()
+                    states[index] = captured[-1][row, : len(examples[index][0])].to("cpu", dtype).clone()
     finally:
         hook.remove()
         model.train(was_training)
