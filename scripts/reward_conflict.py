@@ -57,16 +57,30 @@ def bootstrap_pearson_ci(helpful: np.ndarray, harmless: np.ndarray, prompt_ids: 
     return float(low), float(high)
 
 
-def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[int]) -> dict:
+def length_residual(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """What is left of ``values`` after a least-squares line in log(1 + length) is removed."""
+    design = np.column_stack([np.ones(len(lengths)), np.log1p(lengths)])
+    coefficients, *_ = np.linalg.lstsq(design, values, rcond=None)
+    return values - design @ coefficients
+
+
+def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[int], lengths: list[int]) -> dict:
     from firm.reward_model import pearson_spearman
 
     helpful_array, harmless_array = np.asarray(helpful), np.asarray(harmless)
-    ids = np.asarray(prompt_ids)
+    ids, length_array = np.asarray(prompt_ids), np.asarray(lengths, dtype=np.float64)
     pearson, spearman = pearson_spearman(helpful_array, harmless_array)
     within, _ = pearson_spearman(within_prompt_centered(helpful_array, ids), within_prompt_centered(harmless_array, ids))
+    # Both rewards lean on reply length (in opposite directions), which alone makes them
+    # correlate negatively; the partial correlation shows what remains without it.
+    partial, _ = pearson_spearman(length_residual(helpful_array, length_array),
+                                  length_residual(harmless_array, length_array))
     return {
         "responses": len(helpful), "prompts": len(set(prompt_ids)),
         "pearson": pearson, "spearman": spearman, "within_prompt_pearson": within,
+        "length_partial_pearson": partial,
+        "helpful_vs_length_spearman": pearson_spearman(helpful_array, length_array)[1],
+        "harmless_vs_length_spearman": pearson_spearman(harmless_array, length_array)[1],
         "pearson_ci95": bootstrap_pearson_ci(helpful_array, harmless_array, ids),
         "mean_helpful": float(helpful_array.mean()), "mean_harmless": float(harmless_array.mean()),
     }
@@ -111,7 +125,7 @@ def main() -> None:
             harmless += harmless_reward.score(batch_prompts, responses).tolist()
             ids += [prompt_id for prompt_id, _ in batch]
             replies += [(prompt.text, response) for prompt, response in zip(batch_prompts, responses)]
-        reports[group] = group_report(helpful, harmless, ids)
+        reports[group] = group_report(helpful, harmless, ids, [len(response) for _, response in replies])
         order = np.argsort(np.asarray(helpful) - np.asarray(harmless))
         examples[group] = [{"prompt": replies[i][0], "response": replies[i][1], "helpful": helpful[i],
                             "harmless": harmless[i]} for i in list(order[-args.examples:])[::-1]]
@@ -126,7 +140,9 @@ def main() -> None:
         low, high = report["pearson_ci95"]
         print(f"{group:9s} {report['responses']:4d} replies / {report['prompts']:3d} prompts: "
               f"Pearson {report['pearson']:+.3f} (95% CI {low:+.3f} to {high:+.3f}), "
-              f"Spearman {report['spearman']:+.3f}, within-prompt Pearson {report['within_prompt_pearson']:+.3f}; "
+              f"Spearman {report['spearman']:+.3f}, within-prompt Pearson {report['within_prompt_pearson']:+.3f}, "
+              f"length-partialled Pearson {report['length_partial_pearson']:+.3f} (reward vs length Spearman: "
+              f"helpful {report['helpful_vs_length_spearman']:+.2f}, harmless {report['harmless_vs_length_spearman']:+.2f}); "
               f"mean helpful {report['mean_helpful']:+.2f}, harmless {report['mean_harmless']:+.2f}")
         for example in examples[group]:
             print(f"    most helpful-over-harmless: helpful {example['helpful']:+.2f} harmless {example['harmless']:+.2f}"
