@@ -781,12 +781,8 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
                       layers_pattern=spec["layers_pattern"] if config.trainable_layers else None,
                       modules_to_save=list(spec["fully_trained"]) or None)
     model = get_peft_model(base, lora)
-    fmt = InputFormat(BACKBONES[config.backbone]["kind"], config.max_length, config.max_response_tokens,
-                      config.chat_template)
-
     # Tokenise once; every epoch reuses the ids.
-    chosen = [encode_example(tokenizer, fmt, pair.prompt, pair.chosen) for pair in train_pairs]
-    rejected = [encode_example(tokenizer, fmt, pair.prompt, pair.rejected) for pair in train_pairs]
+    fmt, chosen, rejected = _encode_pairs(config, tokenizer, train_pairs)
     lengths = [max(len(c[0]), len(r[0])) for c, r in zip(chosen, rejected)]
 
     n_frozen = base.config.num_hidden_layers - config.trainable_layers if config.trainable_layers else 0
@@ -849,6 +845,15 @@ def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
     return FittedRewardModel(model, tokenizer, descriptor), stats
 
 
+def _encode_pairs(config: FitConfig, tokenizer, pairs: Sequence[PreferencePair]):
+    """The fit's input format and the (ids, types) of every chosen and rejected response."""
+    fmt = InputFormat(BACKBONES[config.backbone]["kind"], config.max_length, config.max_response_tokens,
+                      config.chat_template)
+    chosen = [encode_example(tokenizer, fmt, pair.prompt, pair.chosen) for pair in pairs]
+    rejected = [encode_example(tokenizer, fmt, pair.prompt, pair.rejected) for pair in pairs]
+    return fmt, chosen, rejected
+
+
 def _descriptor(config: FitConfig, fmt: InputFormat, stats: dict[str, Any], weights: str) -> dict[str, Any]:
     """``firm_reward.json`` of a fresh fit: what to load, how inputs are built, how it was trained."""
     return {
@@ -892,8 +897,8 @@ def pool_response_states(states: torch.Tensor, types: Sequence[int]) -> torch.Te
 def probe_features(model, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, kind: str,
                    batch_size: int = 32) -> torch.Tensor:
     """[N, 2H] float32: pooled outputs of the model's top block for each example."""
-    n_layers = len(getattr(*_backbone_parts(model)[1:]))
-    states = frozen_block_states(model, examples, n_layers, pad_id, kind, batch_size, dtype=torch.float32)
+    states = frozen_block_states(model, examples, model.config.num_hidden_layers, pad_id, kind, batch_size,
+                                 dtype=torch.float32)
     return torch.stack([pool_response_states(state, types) for state, (_, types) in zip(states, examples)])
 
 
@@ -938,11 +943,7 @@ def _fit_probe(train_pairs: Sequence[PreferencePair], config: FitConfig,
         raise RewardModelError(f"probe L2 strengths must be positive, got {config.probe_l2}")
     started = time.perf_counter()
     base, tokenizer = load_base(config.backbone, config.base_path, config.num_layers)
-    base.eval()
-    fmt = InputFormat(BACKBONES[config.backbone]["kind"], config.max_length, config.max_response_tokens,
-                      config.chat_template)
-    chosen = [encode_example(tokenizer, fmt, pair.prompt, pair.chosen) for pair in train_pairs]
-    rejected = [encode_example(tokenizer, fmt, pair.prompt, pair.rejected) for pair in train_pairs]
+    fmt, chosen, rejected = _encode_pairs(config, tokenizer, train_pairs)
     chosen_features = probe_features(base, chosen, tokenizer.pad_token_id, fmt.kind)
     rejected_features = probe_features(base, rejected, tokenizer.pad_token_id, fmt.kind)
     log(f"features of {len(train_pairs)} pairs from the frozen {config.backbone} "
@@ -958,9 +959,10 @@ def _fit_probe(train_pairs: Sequence[PreferencePair], config: FitConfig,
     best = max(cv, key=lambda l2: (cv[l2], l2))
     log("cross-validated accuracy by L2: " + ", ".join(f"{l2:g}: {accuracy:.3f}" for l2, accuracy in cv.items())
         + f" -> L2 {best:g}")
-    weights = torch.from_numpy(fit_linear_bradley_terry(differences, best)) / scale
+    standardised_weights = fit_linear_bradley_terry(differences, best)
+    train_accuracy = float((differences @ standardised_weights > 0).mean())
+    weights = torch.from_numpy(standardised_weights) / scale
     head = {"weight": weights.float(), "bias": (-(weights @ mean)).float()}
-    train_accuracy = float((differences @ (weights * scale).numpy() > 0).mean())
     stats = {
         "train_seconds": round(time.perf_counter() - started, 1),
         "probe_layer": base.config.num_hidden_layers,
