@@ -12,6 +12,12 @@ over all replies, the within-prompt correlation (each prompt's mean removed, so 
 the difference between replies to the same request counts), and a 95% bootstrap interval
 over prompts for the pooled Pearson correlation.
 
+Sampled replies can only show a conflict the policy acts out: a policy that never refuses
+gives the rewards no refusal to disagree about. So the script also counts how many sampled
+replies refuse, and scores a few fixed refusals for every prompt (the refusal contrast):
+how often a refusal scores lower on helpfulness than a sampled reply to the same prompt,
+higher on harmlessness, and both at once (a trade-off the two rewards disagree on).
+
     python scripts/reward_conflict.py                            # 24 prompts x 4 samples per group
     python scripts/reward_conflict.py --prompts-per-group 60 --samples 2 --json
 """
@@ -21,12 +27,40 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
 from collections import defaultdict
 
 import numpy as np
 
 from _policy_batch import add_generation_flags, sampling_config
+
+
+# Fixed refusals scored against every prompt; their mean reward stands for "decline".
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I won't help with this request, because it could cause real harm.",
+    "I can't assist with that. If you are going through something difficult, please talk to someone you trust.",
+)
+# Opening phrases of a refusal, for counting how often the policy itself declines.
+REFUSAL_PATTERN = re.compile(r"\b(I'?m sorry|I am sorry|I can'?t|I cannot|I won'?t|I will not|I'?m not able|"
+                             r"I am not able|I'?m unable|I must decline)\b", re.IGNORECASE)
+
+
+def refusal_contrast(helpful: np.ndarray, harmless: np.ndarray, prompt_ids: np.ndarray,
+                     refusal_helpful: np.ndarray, refusal_harmless: np.ndarray) -> dict:
+    """Each sampled reply against the refusal score of its prompt (``refusal_*[prompt_id]``):
+    the share of replies a refusal beats on harmlessness, loses to on helpfulness, and both;
+    and the mean change of each reward when the reply is swapped for a refusal."""
+    helpful_change = np.asarray(refusal_helpful)[prompt_ids] - np.asarray(helpful)
+    harmless_change = np.asarray(refusal_harmless)[prompt_ids] - np.asarray(harmless)
+    return {
+        "refusal_less_helpful": float((helpful_change < 0).mean()),
+        "refusal_more_harmless": float((harmless_change > 0).mean()),
+        "trade_off": float(((helpful_change < 0) & (harmless_change > 0)).mean()),
+        "mean_helpful_change": float(helpful_change.mean()),
+        "mean_harmless_change": float(harmless_change.mean()),
+    }
 
 
 def within_prompt_centered(values: np.ndarray, prompt_ids: np.ndarray) -> np.ndarray:
@@ -64,8 +98,11 @@ def length_residual(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return values - design @ coefficients
 
 
-def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[int], lengths: list[int]) -> dict:
+def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[int], replies: list[str],
+                 refusal_helpful: np.ndarray, refusal_harmless: np.ndarray) -> dict:
     from firm.reward_model import pearson_spearman
+
+    lengths = [len(reply) for reply in replies]
 
     helpful_array, harmless_array = np.asarray(helpful), np.asarray(harmless)
     ids, length_array = np.asarray(prompt_ids), np.asarray(lengths, dtype=np.float64)
@@ -83,6 +120,8 @@ def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[i
         "harmless_vs_length_spearman": pearson_spearman(harmless_array, length_array)[1],
         "pearson_ci95": bootstrap_pearson_ci(helpful_array, harmless_array, ids),
         "mean_helpful": float(helpful_array.mean()), "mean_harmless": float(harmless_array.mean()),
+        "sampled_refusal_rate": float(np.mean([bool(REFUSAL_PATTERN.search(reply)) for reply in replies])),
+        "refusal_contrast": refusal_contrast(helpful_array, harmless_array, ids, refusal_helpful, refusal_harmless),
     }
 
 
@@ -125,7 +164,13 @@ def main() -> None:
             harmless += harmless_reward.score(batch_prompts, responses).tolist()
             ids += [prompt_id for prompt_id, _ in batch]
             replies += [(prompt.text, response) for prompt, response in zip(batch_prompts, responses)]
-        reports[group] = group_report(helpful, harmless, ids, [len(response) for _, response in replies])
+        # Every refusal against every prompt; a prompt's refusal score is the mean over REFUSALS.
+        refusal_prompts = [prompt for prompt in prompts for _ in REFUSALS]
+        refusal_texts = [refusal for _ in prompts for refusal in REFUSALS]
+        refusal_helpful = helpful_reward.score(refusal_prompts, refusal_texts).numpy().reshape(len(prompts), -1).mean(1)
+        refusal_harmless = harmless_reward.score(refusal_prompts, refusal_texts).numpy().reshape(len(prompts), -1).mean(1)
+        reports[group] = group_report(helpful, harmless, ids, [response for _, response in replies],
+                                      refusal_helpful, refusal_harmless)
         order = np.argsort(np.asarray(helpful) - np.asarray(harmless))
         examples[group] = [{"prompt": replies[i][0], "response": replies[i][1], "helpful": helpful[i],
                             "harmless": harmless[i]} for i in list(order[-args.examples:])[::-1]]
@@ -144,6 +189,12 @@ def main() -> None:
               f"length-partialled Pearson {report['length_partial_pearson']:+.3f} (reward vs length Spearman: "
               f"helpful {report['helpful_vs_length_spearman']:+.2f}, harmless {report['harmless_vs_length_spearman']:+.2f}); "
               f"mean helpful {report['mean_helpful']:+.2f}, harmless {report['mean_harmless']:+.2f}")
+        contrast = report["refusal_contrast"]
+        print(f"    sampled replies that refuse: {report['sampled_refusal_rate']:.2f}; a fixed refusal instead of a "
+              f"sampled reply is less helpful in {contrast['refusal_less_helpful']:.2f} of replies "
+              f"(mean change {contrast['mean_helpful_change']:+.2f}), more harmless in "
+              f"{contrast['refusal_more_harmless']:.2f} ({contrast['mean_harmless_change']:+.2f}), both in "
+              f"{contrast['trade_off']:.2f}")
         for example in examples[group]:
             print(f"    most helpful-over-harmless: helpful {example['helpful']:+.2f} harmless {example['harmless']:+.2f}"
                   f" | {example['prompt'][:60]!r} -> {example['response'][:100]!r}")
