@@ -123,6 +123,7 @@ def test_eval_scores_an_adapter(finished_run, tiny_policy_dir, tmp_path, capsys)
         (["--num-rounds", "two"], "num_rounds expects a int"),
         (["--prompts", "/no/such/prompts.jsonl"], "/no/such/prompts.jsonl"),
         (["--policy", "/no/such/model"], "/no/such/model"),
+        (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(args, message, capsys, tmp_path):
@@ -131,6 +132,34 @@ def test_bad_settings_fail_with_a_clear_message(args, message, capsys, tmp_path)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "run").exists(), "a failed start must not create a run directory"
+
+
+def test_asking_for_a_missing_gpu_fails_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["train", "--run-dir", str(tmp_path / "run"), "--rewards", "relevance,civility", "--device", "cuda"])
+    assert code == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_simulation_gives_each_client_the_gpu_only_when_the_run_uses_one(monkeypatch):
+    import torch
+
+    from firm.cli import simulation_backend_config
+    from firm.config import FirmConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu_only = simulation_backend_config(FirmConfig(), cpus=2)
+    assert cpu_only["client_resources"] == {"num_cpus": 2, "num_gpus": 0.0}
+    assert cpu_only["init_args"]["num_gpus"] == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with_gpu = simulation_backend_config(FirmConfig(device="auto"), cpus=16)
+    assert with_gpu["client_resources"] == {"num_cpus": 16, "num_gpus": 1.0}
+    assert with_gpu["init_args"]["num_gpus"] == 2
+    assert simulation_backend_config(FirmConfig(device="cpu"), cpus=16)["client_resources"]["num_gpus"] == 0.0
 
 
 def test_malformed_prompt_file_names_file_and_line(tmp_path, capsys):

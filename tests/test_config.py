@@ -44,3 +44,31 @@ def test_round_trip_through_flower_config_record():
     assert FirmConfig.from_dict(dict(record)) == cfg
     assert cfg.preference_vector() == [0.3, 0.7]
     assert build_config("default", {"algorithm": "mgda"}).effective_beta() == 0.0
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_device_settings_that_validate(device):
+    FirmConfig(device=device).validate()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "CUDA", "cuda:x", ""])
+def test_device_settings_that_do_not(device):
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        FirmConfig(device=device).validate()
+
+
+def test_resolve_device_never_falls_back_quietly(monkeypatch):
+    import torch
+
+    from firm.models import ModelLoadError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelLoadError, match="'cuda': torch sees no CUDA GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ModelLoadError, match="'cuda:1': torch sees only 1 GPU"):
+        resolve_device("cuda:1")

@@ -181,6 +181,18 @@ def test_train_round_keeps_lambda_on_simplex_and_moves_only_lora(policy, tiny_to
     assert any(not torch.equal(lora[name], before[name]) for name in lora)
 
 
+def test_train_round_runs_on_a_half_precision_policy(tiny_llama_config, tiny_tokenizer):
+    # GPU users load the base in bfloat16; the float32 critic and the float64 MGDA direction
+    # must meet it without dtype errors, and the LoRA update must still happen.
+    policy = wrap(make_base(tiny_llama_config).to(torch.bfloat16))
+    trainer = make_trainer(policy, tiny_tokenizer, make_config(dtype="bfloat16"))
+    before = {name: p.detach().clone() for name, p in lora_parameters(policy).items()}
+    stats = trainer.train_round(make_prompts(), random.Random(0))
+    assert stats.skipped_steps == 0 and stats.steps > 0
+    assert all(np.isfinite(stats.value_losses)) and all(np.isfinite(stats.policy_losses))
+    assert any(not torch.equal(p, before[name]) for name, p in lora_parameters(policy).items())
+
+
 def test_reference_logprobs_are_the_base_model(tiny_llama_config, tiny_tokenizer):
     base = make_base(tiny_llama_config)
     untouched_base = copy.deepcopy(base)
@@ -433,7 +445,7 @@ def test_run_local_update_keeps_critic_and_reward_stats_across_rounds(policy, ti
     config = make_config()
     prompts = make_prompts()
     monkeypatch.setattr(client_app, "get_policy", lambda cfg: (policy, tiny_tokenizer))
-    monkeypatch.setattr(client_app, "build_rewards", lambda specs: [LengthReward(), LetterEReward()])
+    monkeypatch.setattr(client_app, "build_rewards", lambda specs, device: [LengthReward(), LetterEReward()])
     monkeypatch.setattr(client_app, "client_shard", lambda cfg, node_config: prompts)
 
     seen: list[dict] = []  # the trainer's state at the start of each round, after restore
@@ -481,7 +493,7 @@ def test_run_local_update_keeps_critic_and_reward_stats_across_rounds(policy, ti
 def test_run_local_update_for_fsmgda_packs_one_adapter_per_objective(policy, tiny_tokenizer, monkeypatch):
     config = make_config(algorithm="fsmgda")
     monkeypatch.setattr(client_app, "get_policy", lambda cfg: (policy, tiny_tokenizer))
-    monkeypatch.setattr(client_app, "build_rewards", lambda specs: [LengthReward(), LetterEReward()])
+    monkeypatch.setattr(client_app, "build_rewards", lambda specs, device: [LengthReward(), LetterEReward()])
     monkeypatch.setattr(client_app, "client_shard", lambda cfg, node_config: make_prompts())
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2},
                       state=RecordDict(), run_config={})

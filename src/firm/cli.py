@@ -44,7 +44,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, object]:
 def preflight(config: FirmConfig) -> None:
     """Fail before starting Flower (and before creating the run directory) on inputs that
     would otherwise only fail inside a client: prompts, partition, reward specs, policy."""
-    from firm.models import check_policy
+    from firm.models import check_policy, resolve_device
     from firm.partition import partition_prompts
     from firm.prompts import load_prompts
     from firm.rewards import parse_reward_spec
@@ -55,19 +55,31 @@ def preflight(config: FirmConfig) -> None:
     for spec in config.reward_specs():
         parse_reward_spec(spec)
     check_policy(config.policy)
+    resolve_device(config.device)
+
+
+def simulation_backend_config(config: FirmConfig, cpus: int, verbose: bool = False) -> dict:
+    """Ray resources: one client at a time with all the CPUs, and with the GPU when the run uses
+    one. Ray hides GPUs from workers that were not given one, so without this a client's
+    device=auto would find none and train on the CPU."""
+    import torch
+
+    from firm.models import resolve_device
+
+    gpus = torch.cuda.device_count() if resolve_device(config.device).type == "cuda" else 0
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if gpus else 0.0},
+            "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False, "log_to_driver": verbose}}
 
 
 def run_simulation(config: FirmConfig, run_path: Path, verbose: bool) -> None:
-    """Run the Flower apps on Flower's simulation engine (Ray), one worker at a time on CPU."""
+    """Run the Flower apps on Flower's simulation engine (Ray), one client at a time."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from firm.client_app import app as client_app
     from firm.server_app import RUN_DIR_ENV
     from firm.server_app import app as server_app
 
-    cpus = os.cpu_count() or 1
-    backend_config = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus,
-                      "include_dashboard": False, "log_to_driver": verbose}}
+    backend_config = simulation_backend_config(config, os.cpu_count() or 1, verbose)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_path)  # read by the ServerApp; never left behind
     try:
@@ -204,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(adapter=args.adapter, policy=args.policy, prompts=args.prompts, rewards=args.rewards,
                       num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
-                      num_samples=args.samples)
+                      num_samples=args.samples, device=args.device)
     from rich.console import Console
 
     console = Console()
@@ -246,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=defaults.temperature)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     ev.add_argument("--samples", type=int, default=3, help="sample responses to show")
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.set_defaults(func=cmd_eval)

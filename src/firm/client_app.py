@@ -21,7 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from firm.config import FirmConfig
-from firm.models import MultiObjectiveValueHead, add_lora, load_adapter_state, load_policy, adapter_state
+from firm.models import (MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, load_policy,
+                         resolve_device)
 from firm.partition import partition_prompts
 from firm.ppo import AdaptiveKLController, FixedKLController, RunningMeanStd
 from firm.prompts import load_prompts
@@ -41,15 +42,17 @@ def config_from_record(record: ConfigRecord) -> FirmConfig:
 
 
 @lru_cache(maxsize=1)
-def cached_policy(policy: str, dtype: str, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...]):
-    """The base model + a LoRA adapter, loaded once per worker process and reused by every
-    client that runs in it (the adapter weights are overwritten at the start of each round)."""
+def cached_policy(policy: str, dtype: str, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...],
+                  device: str):
+    """The base model + a LoRA adapter on ``device``, loaded once per worker process and reused
+    by every client that runs in it (the adapter weights are overwritten at the start of each round)."""
     model, tokenizer = load_policy(policy, dtype)
-    return add_lora(model, r, alpha, dropout, target_modules), tokenizer
+    return add_lora(model, r, alpha, dropout, target_modules).to(device), tokenizer
 
 
 def get_policy(cfg: FirmConfig):
-    return cached_policy(cfg.policy, cfg.dtype, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules())
+    return cached_policy(cfg.policy, cfg.dtype, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules(),
+                         str(resolve_device(cfg.device)))
 
 
 @lru_cache(maxsize=4)
@@ -81,7 +84,8 @@ def restore_state(context: Context, trainer: FirmLocalTrainer) -> None:
 
 
 def save_state(context: Context, trainer: FirmLocalTrainer) -> None:
-    context.state.array_records[STATE_VALUE_HEAD] = ArrayRecord(trainer.value_head.state_dict())
+    context.state.array_records[STATE_VALUE_HEAD] = ArrayRecord(
+        {name: tensor.cpu() for name, tensor in trainer.value_head.state_dict().items()})
     stats = trainer.reward_stats.state_dict()
     context.state.config_records[STATE_CLIENT] = ConfigRecord({
         "reward_mean": [float(x) for x in stats["mean"]],
@@ -95,7 +99,7 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     """The whole client round, independent of messaging (tests call it directly)."""
     policy, tokenizer = get_policy(cfg)
     load_adapter_state(policy, global_adapter)
-    rewards = build_rewards(cfg.reward_specs())
+    rewards = build_rewards(cfg.reward_specs(), device=str(policy.device))
     hidden_size = policy.get_base_model().config.hidden_size
     value_head = MultiObjectiveValueHead(hidden_size, len(rewards))
     kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)

