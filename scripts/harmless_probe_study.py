@@ -42,7 +42,7 @@ def extract(data: str, num_layers: int, threads: int) -> dict[str, np.ndarray]:
     """Pooled states [pairs, blocks, poolings, hidden] of chosen and rejected replies, the
     prompt group of each pair, and how many of the pairs (first) are the training part."""
     from firm.reward_model import (FitConfig, _backbone_parts, _encode_pairs, _length_sorted_batches, collate,
-                                   load_base, load_pairs, prompt_group_key, split_by_prompt)
+                                   load_base, load_pairs, pool_response_states, prompt_group_key, split_by_prompt)
 
     torch.set_num_threads(threads)
     train, test = split_by_prompt(load_pairs(data), 0.2, 0)
@@ -69,8 +69,8 @@ def extract(data: str, num_layers: int, threads: int) -> dict[str, np.ndarray]:
                 response = torch.tensor(types, dtype=torch.bool).nonzero()[:, 0]
                 for block in range(num_layers):
                     states = captured[block][row, : len(ids)].float()
-                    out[index, block, 0] = states[-1]
-                    out[index, block, 1] = states[response].mean(0)
+                    # "last" and "mean" exactly as the shipped probe pools them
+                    out[index, block, :2] = pool_response_states(states, types).view(2, -1)
                     out[index, block, 2] = states[response[:FIRST_TOKENS]].mean(0)
         return out
 
@@ -171,6 +171,8 @@ def main() -> None:
         results.append((cv, name, heldout))
         print(f"{name:44s} CV {cv:.3f} (L2 {l2})" + (f"   held-out {heldout:.3f}" if args.show_heldout else ""),
               flush=True)
+    if not results:
+        raise SystemExit(f"no candidate fits in the {available} extracted blocks: raise --num-layers")
     cv, name, heldout = max(results)
     print(f"picked by CV: {name} (CV {cv:.3f})" + (f"; held-out {heldout:.3f} on {len(cache['groups']) - study.n} pairs"
                                                    if args.show_heldout else ""))

@@ -102,10 +102,8 @@ def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[i
                  refusal_helpful: np.ndarray, refusal_harmless: np.ndarray) -> dict:
     from firm.reward_model import pearson_spearman
 
-    lengths = [len(reply) for reply in replies]
-
     helpful_array, harmless_array = np.asarray(helpful), np.asarray(harmless)
-    ids, length_array = np.asarray(prompt_ids), np.asarray(lengths, dtype=np.float64)
+    ids, length_array = np.asarray(prompt_ids), np.array([len(reply) for reply in replies], dtype=np.float64)
     pearson, spearman = pearson_spearman(helpful_array, harmless_array)
     within, _ = pearson_spearman(within_prompt_centered(helpful_array, ids), within_prompt_centered(harmless_array, ids))
     # Both rewards lean on reply length (in opposite directions), which alone makes them
@@ -167,8 +165,9 @@ def main() -> None:
         # Every refusal against every prompt; a prompt's refusal score is the mean over REFUSALS.
         refusal_prompts = [prompt for prompt in prompts for _ in REFUSALS]
         refusal_texts = [refusal for _ in prompts for refusal in REFUSALS]
-        refusal_helpful = helpful_reward.score(refusal_prompts, refusal_texts).numpy().reshape(len(prompts), -1).mean(1)
-        refusal_harmless = harmless_reward.score(refusal_prompts, refusal_texts).numpy().reshape(len(prompts), -1).mean(1)
+        refusal_helpful, refusal_harmless = (
+            reward.score(refusal_prompts, refusal_texts).numpy().reshape(len(prompts), -1).mean(1)
+            for reward in (helpful_reward, harmless_reward))
         reports[group] = group_report(helpful, harmless, ids, [response for _, response in replies],
                                       refusal_helpful, refusal_harmless)
         order = np.argsort(np.asarray(helpful) - np.asarray(harmless))

@@ -43,7 +43,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, object]:
 # ---- firm train --------------------------------------------------------------------------------
 def preflight(config: FirmConfig) -> None:
     """Fail before starting Flower (and before creating the run directory) on inputs that
-    would otherwise only fail inside a client: prompts, partition, reward specs, policy."""
+    would otherwise only fail inside a client: prompts, partition, reward specs, policy, device."""
     from firm.models import check_policy, resolve_device
     from firm.partition import partition_prompts
     from firm.prompts import load_prompts
