@@ -18,7 +18,7 @@ import random
 import numpy as np
 import torch
 
-from firm.client_app import get_policy
+from firm.federation.client_app import get_policy
 from firm.config import build_config
 from firm.mgda import solve_weights
 from firm.models import MultiObjectiveValueHead

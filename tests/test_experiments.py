@@ -14,6 +14,7 @@ import pytest
 
 from firm import experiments as ex
 from firm.config import ALGORITHMS, build_config
+from firm.rundir import RunDir
 
 TINY_TRAIN_FLAGS = ["--rewards", "relevance,civility", "--num-clients", "2", "--num-rounds", "2",
                     "--rollout-batch-size", "2", "--max-new-tokens", "4", "--ppo-epochs", "1",
@@ -36,7 +37,7 @@ def round_record(number: int, rewards: dict[str, float], lambda_mean=(0.5, 0.5),
 def write_fake_run(run_dir: Path, config, rounds: list[dict]) -> None:
     """A completed run directory as `firm train` leaves it (config, state, metrics)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
+    RunDir(run_dir).save_config(config)
     (run_dir / "state.json").write_text(json.dumps({"completed_rounds": len(rounds)}))
     lines = []
     for r in rounds:  # client records are interleaved, as the server writes them; they must be ignored

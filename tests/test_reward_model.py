@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from firm.reward_cli import add_reward_commands
+from firm.cli.reward import add_parser as add_reward_commands
 from firm.reward_model import (
     BACKBONES,
     DESCRIPTOR_FILE,
@@ -426,7 +426,7 @@ def test_eval_accuracy_equals_the_hand_count(tmp_path, monkeypatch, capsys):
     class HandReward:
         score_hh = staticmethod(keyword_reward)
 
-    monkeypatch.setattr("firm.reward_cli._build_reward", lambda spec: HandReward())
+    monkeypatch.setattr("firm.cli.reward._build_reward", lambda spec: HandReward())
     assert run_cli(["reward", "eval", "--model", "hand", "--data", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n_pairs"] == 5

@@ -18,7 +18,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from firm.strategy import ROUND_KEY, FederationError, FirmFedAvg, FsmgdaFedAvg, RoundResult, arrayrecord_bytes
+from firm.federation.protocol import ROUND_KEY
+from firm.federation.strategy import FederationError, FirmFedAvg, FsmgdaFedAvg, RoundResult, arrayrecord_bytes
 
 TENSOR_SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.lora_A.weight": (4,)}
 
@@ -303,7 +304,7 @@ def test_fsmgda_combines_averaged_objective_updates_with_min_norm_weights():
 def test_reply_with_wrong_adapter_tensors_is_rejected_not_fatal():
     from flwr.app import Array, ArrayRecord
 
-    from firm.strategy import check_reply
+    from firm.federation.strategy import check_reply
 
     global_record = ArrayRecord({"a": Array(np.zeros((2, 3), dtype=np.float32))})
     expected = {k: tuple(v.shape) for k, v in global_record.items()}

@@ -20,7 +20,9 @@ import torch
 from flwr.app import Context, RecordDict
 from transformers import LlamaForCausalLM
 
-import firm.client_app as client_app
+import firm.federation.client_app as client_app
+from firm.federation import protocol
+from firm.fsmgda import FsmgdaLocalTrainer
 from firm.config import FirmConfig
 from firm.mgda import solve_weights
 from firm.models import MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, lora_parameters
@@ -292,16 +294,17 @@ def test_fsmgda_client_update_is_one_linear_round_per_unit_preference(tiny_llama
     the same rollouts: adapter m equals a linear round with preference e_m (no clipping, so the
     critic, which the M passes share, cannot touch the LoRA step)."""
 
-    def fresh_trainer(**overrides):
+    def fresh_trainer(trainer_cls=FirmLocalTrainer, **overrides):
         policy = wrap(make_base(tiny_llama_config))
-        return make_trainer(policy, tiny_tokenizer, make_config(max_grad_norm=1e12, **overrides))
+        return make_trainer(policy, tiny_tokenizer, make_config(max_grad_norm=1e12, **overrides),
+                            trainer_cls=trainer_cls)
 
-    trainer = fresh_trainer(algorithm="fsmgda")
+    trainer = fresh_trainer(FsmgdaLocalTrainer, algorithm="fsmgda")
     start = adapter_state(trainer.policy)
     torch.manual_seed(5)
     stats, adapters = trainer.train_round_per_objective(make_prompts(), random.Random(0))
 
-    assert len(adapters) == 2 and trainer.fixed_weights is None
+    assert len(adapters) == 2
     steps_per_objective = trainer.config.ppo_epochs * trainer.config.num_minibatches
     assert stats.steps == 2 * steps_per_objective and stats.num_examples == trainer.config.rollout_batch_size
     unit_vectors = [[1.0, 0.0]] * steps_per_objective + [[0.0, 1.0]] * steps_per_objective
@@ -465,11 +468,11 @@ def test_run_local_update_keeps_critic_and_reward_stats_across_rounds(policy, ti
     adapter0 = adapter_state(policy)
 
     adapter1, metrics1, samples1 = client_app.run_local_update(config, adapter0, context, 1)
-    assert client_app.STATE_VALUE_HEAD in context.state.array_records
-    assert client_app.STATE_CLIENT in context.state.config_records
-    saved = context.state.config_records[client_app.STATE_CLIENT]
+    assert protocol.STATE_VALUE_HEAD in context.state.array_records
+    assert protocol.STATE_CLIENT in context.state.config_records
+    saved = context.state.config_records[protocol.STATE_CLIENT]
     assert saved["reward_count"] == config.rollout_batch_size
-    head1 = context.state.array_records[client_app.STATE_VALUE_HEAD].to_torch_state_dict()
+    head1 = context.state.array_records[protocol.STATE_VALUE_HEAD].to_torch_state_dict()
     assert any(bool(v.abs().sum() > 0) for v in head1.values()), "the critic did not train"
     assert metrics1["partition-id"] == 0 and metrics1["num-examples"] == config.rollout_batch_size
     assert samples1 == []  # sample_responses = 0: no private prompts leave the node
@@ -484,7 +487,7 @@ def test_run_local_update_keeps_critic_and_reward_stats_across_rounds(policy, ti
         assert torch.equal(seen[1]["head"][key], value), f"value head {key} not restored"
     for key, value in adapter1.items():
         assert torch.equal(seen[1]["adapter"][key], value), f"global adapter {key} not loaded"
-    saved = context.state.config_records[client_app.STATE_CLIENT]
+    saved = context.state.config_records[protocol.STATE_CLIENT]
     assert saved["reward_count"] == 2 * config.rollout_batch_size
     assert list(metrics1) == list(metrics2)
     assert set(adapter2) == set(adapter0)

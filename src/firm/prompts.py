@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firm.errors import FirmError
+
 USER, ASSISTANT = "user", "assistant"
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _HH_ROLE = {"Human": USER, "Assistant": ASSISTANT}
@@ -49,7 +51,7 @@ ACCEPTED_SOURCES = (
 )
 
 
-class PromptFormatError(ValueError):
+class PromptFormatError(FirmError, ValueError):
     """A prompt source is malformed; the message names the file and 1-based line."""
 
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from firm.errors import FirmError
+
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 DESCRIPTOR_FILE = "firm_reward.json"
@@ -65,11 +67,11 @@ BACKBONES: dict[str, dict[str, Any]] = {
 }
 
 
-class PairFileError(ValueError):
+class PairFileError(FirmError, ValueError):
     """A preference-pair source is missing or malformed; the message names path:line."""
 
 
-class RewardModelError(ValueError):
+class RewardModelError(FirmError, ValueError):
     """A reward-model directory cannot be loaded, or a fit request cannot be carried out."""
 
 

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal, Protocol, Se
 
 import torch
 
+from firm.errors import FirmError
+
 if TYPE_CHECKING:
     from firm.prompts import Prompt
 
@@ -50,7 +52,7 @@ RewardKind = Literal["hf", "fitted", "relevance", "civility"]
 T = TypeVar("T")
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(FirmError, ValueError):
     """A reward spec names nothing loadable, or what it names cannot serve as a reward model."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from firm.config import FirmConfig
+from firm.errors import FirmError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -32,7 +33,12 @@ ADAPTERS_DIR = "adapters"
 PLOTS_DIR = "plots"
 
 
-class RunDirError(RuntimeError):
+def default_run_dir(preset: str) -> str:
+    """runs/<preset>-<local time>: where a run goes when no run_dir is given."""
+    return os.path.join("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class RunDirError(FirmError, RuntimeError):
     """The run directory is missing, incomplete or not a FIRM run."""
 
 
@@ -75,7 +81,7 @@ class RunDir:
             raise RunDirError(f"{run.path} already holds a run; use --resume {run.path} or another --run-dir")
         run.path.mkdir(parents=True, exist_ok=True)
         config.run_dir = str(run.path)
-        atomic_write_text(run.path / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+        run.save_config(config)
         run.write_state(completed_rounds=0)
         return run
 
@@ -91,6 +97,9 @@ class RunDir:
 
     def config(self) -> FirmConfig:
         return FirmConfig.load(self.path / CONFIG_FILE)
+
+    def save_config(self, config: FirmConfig) -> None:
+        atomic_write_text(self.path / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
 
     def state(self) -> dict[str, Any]:
         try:

@@ -190,13 +190,13 @@ class FirmLocalTrainer:
                 else FixedKLController(config.kl_coef)
             )
         self.kl_controller = kl_controller
-        self.optimizer = torch.optim.AdamW(
-            [{"params": self.lora_params}, {"params": list(value_head.parameters())}],
-            lr=config.learning_rate,
-        )
-        self.fixed_weights: np.ndarray | None = None  # set by FSMGDA's per-objective passes
+        self.optimizer = self.make_optimizer()
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([{"params": self.lora_params}, {"params": list(self.value_head.parameters())}],
+                                 lr=self.config.learning_rate)
 
     # ---- 1. rollout ----------------------------------------------------------------------
     @torch.no_grad()
@@ -230,9 +230,7 @@ class FirmLocalTrainer:
 
     # ---- 3. the FIRM step -----------------------------------------------------------------
     def objective_weights(self, gram: np.ndarray) -> np.ndarray:
-        if self.fixed_weights is not None:
-            return self.fixed_weights.copy()
-        if self.config.algorithm == "linear":
+        if self.config.algorithm_spec().fixed_weights:
             return self.preference.copy()
         return solve_weights(gram, beta=self.config.effective_beta(), preference=self.preference)
 
@@ -316,30 +314,6 @@ class FirmLocalTrainer:
             rollout, advantages, returns = self.collect(shard, rng, stats)
             self.ppo_epochs(rollout, advantages, returns, stats, rng.randrange(2**31))
         return stats
-
-    def train_round_per_objective(self, shard: Sequence[Prompt], rng: random.Random):
-        """FSMGDA's client: from the same global adapter and the same rollouts, one local PPO
-        update per objective (weights e_m), returning M adapters instead of one."""
-        from firm.models import adapter_state, load_adapter_state
-
-        stats = RoundStats()
-        batches = [self.collect(shard, rng, stats) for _ in range(self.config.rollouts_per_round)]
-        seeds = [rng.randrange(2**31) for _ in batches]
-        start = adapter_state(self.policy)
-        critic_start = {k: v.clone() for k, v in self.value_head.state_dict().items()}
-        adapters = []
-        for m in range(self.num_objectives):
-            load_adapter_state(self.policy, start)
-            self.value_head.load_state_dict(critic_start)  # every pass starts from the same critic
-            self.optimizer = torch.optim.AdamW(
-                [{"params": self.lora_params}, {"params": list(self.value_head.parameters())}],
-                lr=self.config.learning_rate)
-            self.fixed_weights = np.eye(self.num_objectives)[m]
-            for (rollout, advantages, returns), seed in zip(batches, seeds):
-                self.ppo_epochs(rollout, advantages, returns, stats, seed)
-            adapters.append(adapter_state(self.policy))
-        self.fixed_weights = None
-        return stats, adapters
 
 
 def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float | list[float]]:

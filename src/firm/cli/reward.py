@@ -1,8 +1,7 @@
 """`firm reward fit` and `firm reward eval`: the command-line face of firm.reward_model.
 
-The lead's ``firm.cli`` calls ``add_reward_commands(subparsers)``; each subcommand's ``func``
-takes the parsed arguments and returns an exit code. Bad input raises a ValueError subclass
-(PairFileError, RewardModelError) that the top-level CLI prints without a traceback.
+Bad input raises a FirmError (PairFileError, RewardModelError) that the top-level CLI prints
+as one line.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from firm.reward_model import (
 _DEFAULTS = FitConfig()
 
 
-def add_reward_commands(subparsers) -> None:
+def add_parser(subparsers) -> None:
     """Register ``reward fit`` and ``reward eval`` on an argparse subparsers object."""
     reward = subparsers.add_parser("reward", help="fit and evaluate Bradley-Terry reward models")
     commands = reward.add_subparsers(dest="reward_command", required=True)
@@ -75,7 +74,7 @@ def add_reward_commands(subparsers) -> None:
     fit.add_argument("--max-response-tokens", type=int, default=_DEFAULTS.max_response_tokens)
     fit.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="training seed")
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    fit.set_defaults(func=run_fit)
+    fit.set_defaults(handler=run_fit)
 
     evaluate = commands.add_parser(
         "eval", help="pairwise accuracy of a reward model on preference pairs",
@@ -93,7 +92,7 @@ def add_reward_commands(subparsers) -> None:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    evaluate.set_defaults(func=run_eval)
+    evaluate.set_defaults(handler=run_eval)
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -25,8 +25,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-ROUND_KEY = "firm-round"
-
+from firm.federation.protocol import ROUND_KEY
+from firm.fsmgda import fsmgda_combine, pack_objectives, split_objectives
 
 class FederationError(RuntimeError):
     """A round could not produce a global adapter."""
@@ -189,35 +189,7 @@ class FirmFedAvg(FedAvg):
         return arrays, metrics if metrics is not None else MetricRecord()
 
 
-# ---- FSMGDA: the server-side multi-gradient baseline ---------------------------------------------
-OBJECTIVE_PREFIX = "objective-{m}/"
-
-
-def split_objectives(record: ArrayRecord, num_objectives: int) -> list[dict[str, np.ndarray]]:
-    """Undo the client's packing of M adapters into one ArrayRecord ("objective-m/<key>")."""
-    parts: list[dict[str, np.ndarray]] = [{} for _ in range(num_objectives)]
-    for key, array in record.items():
-        prefix, _, name = key.partition("/")
-        m = int(prefix.removeprefix("objective-"))
-        parts[m][name] = array.numpy().astype(np.float64)
-    return parts
-
-
-def fsmgda_combine(global_adapter: dict[str, np.ndarray], averaged: list[dict[str, np.ndarray]], beta: float,
-                   preference: list[float]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """FMGDA/FSMGDA server step: the per-objective updates d_m = mean_c(adapter_{m,c}) - global,
-    lambda = argmin_simplex |sum_m l_m d_m|^2 (+ beta |l - p|^2, 0 for the classic method), and
-    the new global = global + sum_m lambda_m d_m."""
-    from firm.mgda import solve_weights
-
-    keys = sorted(global_adapter)
-    deltas = np.stack([np.concatenate([(avg[k] - global_adapter[k]).ravel() for k in keys]) for avg in averaged])
-    weights = solve_weights(deltas @ deltas.T, beta=beta, preference=preference)
-    new = {k: global_adapter[k] + sum(w * (avg[k] - global_adapter[k]) for w, avg in zip(weights, averaged))
-           for k in keys}
-    return new, weights
-
-
+# ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda) ---------------------
 class FsmgdaFedAvg(FirmFedAvg):
     """Each client uploads M adapters (one local update per objective) packed in one
     ArrayRecord; the server averages them per objective (FedAvg), solves the min-norm problem
@@ -233,12 +205,12 @@ class FsmgdaFedAvg(FirmFedAvg):
         single = super().expected_upload()
         if single is None:
             return None
-        return {OBJECTIVE_PREFIX.format(m=m) + k: shape for m in range(self.num_objectives) for k, shape in single.items()}
+        return pack_objectives([single] * self.num_objectives)
 
     def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
         assert self._global is not None, "configure_train sets the global adapter"
         global_adapter = {k: v.numpy().astype(np.float64) for k, v in self._global.items()}
-        per_objective = split_objectives(averaged, self.num_objectives)
+        per_objective = split_objectives({k: v.numpy() for k, v in averaged.items()}, self.num_objectives)
         new, weights = fsmgda_combine(global_adapter, per_objective, self.beta, self.preference)
         record = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in new.items()})
         # One lambda, chosen by the server: no client disagreement by construction.

@@ -21,25 +21,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from firm.config import FirmConfig
+from firm.federation.protocol import ROUND_KEY, STATE_CLIENT, STATE_VALUE_HEAD, config_from_record
+from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, load_policy,
                          resolve_device)
 from firm.partition import partition_prompts
-from firm.ppo import AdaptiveKLController, FixedKLController, RunningMeanStd
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
-from firm.strategy import OBJECTIVE_PREFIX, ROUND_KEY
 from firm.trainer import FirmLocalTrainer, summarize
 
 app = ClientApp()
-
-FLOWER_CONFIG_KEYS = ("server-round", ROUND_KEY)
-STATE_VALUE_HEAD = "firm.value_head"
-STATE_CLIENT = "firm.client_state"
-
-
-def config_from_record(record: ConfigRecord) -> FirmConfig:
-    return FirmConfig.from_dict({k: v for k, v in record.items() if k not in FLOWER_CONFIG_KEYS})
-
 
 @lru_cache(maxsize=1)
 def cached_policy(policy: str, dtype: str, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...],
@@ -102,17 +93,16 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     rewards = build_rewards(cfg.reward_specs(), device=str(policy.device))
     hidden_size = policy.get_base_model().config.hidden_size
     value_head = MultiObjectiveValueHead(hidden_size, len(rewards))
-    kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else FixedKLController(cfg.kl_coef)
-    trainer = FirmLocalTrainer(policy, tokenizer, value_head, rewards, cfg,
-                               reward_stats=RunningMeanStd(len(rewards)), kl_controller=kl)
+    trainer_class = FsmgdaLocalTrainer if cfg.algorithm_spec().per_objective_upload else FirmLocalTrainer
+    trainer = trainer_class(policy, tokenizer, value_head, rewards, cfg)  # fresh stats; restore_state loads saved ones
     restore_state(context, trainer)
     shard = client_shard(cfg, context.node_config)
     partition_id = int(context.node_config.get("partition-id", 0))
     seed = round_seed(cfg.seed, partition_id, firm_round)
     torch.manual_seed(seed)  # generate() samples from torch's global generator
-    if cfg.algorithm == "fsmgda":  # one adapter per objective, packed into one record
+    if isinstance(trainer, FsmgdaLocalTrainer):  # one adapter per objective, packed into one record
         stats, adapters = trainer.train_round_per_objective(shard, random.Random(seed))
-        upload = {OBJECTIVE_PREFIX.format(m=m) + k: v for m, adapter in enumerate(adapters) for k, v in adapter.items()}
+        upload = pack_objectives(adapters)
     else:
         stats = trainer.train_round(shard, random.Random(seed))
         upload = adapter_state(policy)

@@ -1,52 +1,40 @@
 """Flower ServerApp: FedAvg of FIRM clients' LoRA adapters, writing the run directory.
 
-Where the run's settings come from:
-- ``firm train`` (Flower's simulation engine started from Python) prepares the run directory
-  and passes it in the environment variable FIRM_RUN_DIR;
-- ``flwr run .`` passes the run config of pyproject.toml / ``--run-config``: ``preset``,
-  ``overrides`` ("num_rounds=2 beta=0.1") and optionally ``run-dir`` (an existing run
-  directory there is resumed).
+Two ways in:
+- ``flwr run .``: the module-level ``app``. Its settings are the run config: every FirmConfig
+  field is a kebab-case key declared in pyproject.toml (``--run-config "num-rounds=5 beta=1.0"``)
+  plus ``preset``; a ``run-dir`` that already holds a run is resumed.
+- ``firm train``: firm.federation.simulation builds a ServerApp with ``make_server_app`` around
+  the run directory the CLI prepared and a callback for its progress display.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from logging import INFO
 from typing import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file
 
-from firm.config import FirmConfig, build_config, parse_overrides
+from firm.config import FirmConfig
+from firm.federation.protocol import config_from_run_config, config_to_record
+from firm.federation.strategy import FirmFedAvg, FsmgdaFedAvg, RoundResult
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
-from firm.rundir import RunDir
-from firm.strategy import FirmFedAvg, FsmgdaFedAvg, RoundResult
+from firm.plots import plot_run
+from firm.rundir import STATE_FILE, RunDir, default_run_dir
 
-RUN_DIR_ENV = "FIRM_RUN_DIR"
-
-app = ServerApp()
-
-# The CLI sets this to show progress; it receives each finished round.
-round_listeners: list[Callable[[RoundResult], None]] = []
+RoundCallback = Callable[[RoundResult], None]
 
 
-def default_run_dir(preset: str) -> str:
-    return os.path.join("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def run_dir_from_context(context: Context) -> RunDir:
-    if os.environ.get(RUN_DIR_ENV):
-        return RunDir.open(os.environ[RUN_DIR_ENV])
-    run_config = context.run_config
-    preset = str(run_config.get("preset", "default"))
-    requested = str(run_config.get("run-dir", "") or "")
-    if requested and os.path.exists(os.path.join(requested, "state.json")):
-        return RunDir.open(requested)
-    config = build_config(preset, parse_overrides(str(run_config.get("overrides", ""))))
-    return RunDir.create(requested or config.run_dir or default_run_dir(preset), config)
+def run_dir_from_run_config(context: Context) -> RunDir:
+    config = config_from_run_config(context.run_config)
+    if config.run_dir and (RunDir(config.run_dir).path / STATE_FILE).exists():
+        return RunDir.open(config.run_dir)
+    preset = str(context.run_config.get("preset", "default"))
+    return RunDir.create(config.run_dir or default_run_dir(preset), config)
 
 
 def initial_global_model(config: FirmConfig, run: RunDir):
@@ -56,15 +44,13 @@ def initial_global_model(config: FirmConfig, run: RunDir):
     peft_model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules())
     last = run.last_adapter()
     if last is not None:
-        from safetensors.torch import load_file
-
         load_adapter_state(peft_model, load_file(str(last / "adapter_model.safetensors")))
     else:
         run.save_adapter(0, peft_model)
     return peft_model
 
 
-def run_federation(grid: Grid, run: RunDir) -> None:
+def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = None) -> None:
     config = run.config().validate()
     run.drop_unfinished_rounds()
     done = run.completed_rounds
@@ -79,35 +65,43 @@ def run_federation(grid: Grid, run: RunDir) -> None:
         result.round_record["adapter"] = str(adapter.relative_to(run.path))
         run.append_metrics(result.client_records + [result.round_record])
         run.write_state(result.round)
-        from firm.plots import plot_run
-
         plot_run(run)
-        for listener in round_listeners:
-            listener(result)
+        if on_round is not None:
+            on_round(result)
 
     common = dict(on_round_end=on_round_end, round_offset=done, fraction_train=1.0,
                   min_train_nodes=config.num_clients, min_available_nodes=config.num_clients)
-    if config.algorithm == "fsmgda":
+    if config.algorithm_spec().per_objective_upload:
         strategy = FsmgdaFedAvg(num_objectives=len(config.reward_specs()), beta=config.effective_beta(),
                                 preference=config.preference_vector(), **common)
     else:
         strategy = FirmFedAvg(algorithm=config.algorithm, **common)
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(adapter_state(peft_model)),
-            num_rounds=remaining,
-            train_config=ConfigRecord(config.to_dict()),
-        )
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(peft_model)), num_rounds=remaining,
+                       train_config=config_to_record(config))
     except Exception as err:
         # Keep what was written; record why the run stopped so the CLI can say it.
         run.write_state(run.completed_rounds, error=f"{type(err).__name__}: {err}")
         raise
 
 
+def make_server_app(run_dir: str, on_round: RoundCallback | None = None) -> ServerApp:
+    """A ServerApp for a run directory prepared by the caller (``firm train``)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, RunDir.open(run_dir), on_round)
+
+    return server
+
+
+app = ServerApp()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = run_dir_from_context(context)
+    run = run_dir_from_run_config(context)
     # Under `flwr run` a relative run-dir resolves in the SuperLink's working directory: say where.
     log(INFO, "FIRM run directory: %s", run.path.resolve())
     run_federation(grid, run)

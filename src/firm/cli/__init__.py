@@ -1,0 +1,51 @@
+"""The `firm` command line: argparse and dispatch only.
+
+Each command lives in its own module with ``add_parser(subparsers)``, which registers the
+command and sets ``handler`` to a function ``<command>_command(args) -> exit code``. Flags of
+commands that run from a config dataclass are generated from it (firm.cli.flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Sequence
+
+from firm.cli import eval as eval_cli
+from firm.cli import experiments as experiments_cli
+from firm.cli import reward as reward_cli
+from firm.cli import train as train_cli
+from firm.errors import FirmError
+
+# Input errors are one line and exit code 2; every other exception is a bug and keeps its
+# traceback. FileNotFoundError and ConnectionError are the user's too: a path or an address.
+USER_ERRORS: tuple[type[BaseException], ...] = (FirmError, FileNotFoundError, ConnectionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="firm", description="FIRM: federated in-client regularized "
+                                                              "multi-objective alignment")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (train_cli, eval_cli, reward_cli, experiments_cli):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Library deprecation chatter (transformers, Ray, click) is not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; everything written so far is kept (firm train --resume RUN_DIR continues)",
+              file=sys.stderr)
+        return 130
+
+
+__all__ = ["build_parser", "main", "USER_ERRORS"]

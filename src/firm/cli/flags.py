@@ -1,0 +1,50 @@
+"""Command-line flags generated from a config dataclass (TRL's convention).
+
+Every field becomes ``--field-name`` with the field's docstring as help and its default shown;
+a flag left out stays None, so only what the user typed overrides a preset or the defaults.
+One mechanism for every command: ``firm train`` (FirmConfig), ``firm reward fit`` (FitConfig),
+``firm synthetic`` (SyntheticConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Collection
+
+from firm.config import coerce, field_docs
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    kind = (f.type if isinstance(f.type, str) else f.type.__name__).replace(" ", "").removesuffix("|None")
+    return {"tuple[float,...]": "FLOATS"}.get(kind, kind.upper())
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
+                        skip: Collection[str] = ()) -> None:
+    """One flag per field of ``cls`` (except ``skip``), in an argument group called ``title``."""
+    docs = field_docs(cls)
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = _default(f)
+        shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else repr(default)
+        group.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=_metavar(f),
+                           help=f"{docs.get(f.name, '')} [default: {shown}]")
+
+
+def dataclass_overrides(args: argparse.Namespace, cls: type, skip: Collection[str] = ()) -> dict[str, Any]:
+    """The fields the user set on the command line, converted to their types."""
+    return {f.name: coerce(f, getattr(args, f.name)) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}

@@ -1,0 +1,70 @@
+"""How `firm train` runs the Flower apps: Flower's simulation engine (Ray) in this process.
+
+The only owner of that start-up. The CLI passes the run directory and a per-round callback as
+arguments (no globals, no environment variables).
+
+Why ``flwr.simulation.run_simulation`` and not ``flwr run``: ``flwr run`` needs a SuperLink
+process and an installed app, which `firm train` would have to start and stop around every
+run; the same apps run unchanged under ``flwr run`` (README, "Flower runtimes"). Flower marks
+the Python entry point deprecated; its banner says nothing our users can act on, so it is
+filtered out of `firm train`'s output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from flwr.common.logger import FLOWER_LOGGER
+from flwr.simulation import run_simulation as flwr_run_simulation
+
+from firm.config import FirmConfig
+from firm.federation.client_app import app as client_app
+from firm.federation.server_app import RoundCallback, make_server_app
+from firm.models import check_policy, resolve_device
+from firm.partition import partition_prompts
+from firm.prompts import load_prompts
+from firm.rewards import parse_reward_spec
+
+
+def preflight(config: FirmConfig) -> None:
+    """Fail before starting Flower (and before creating the run directory) on inputs that
+    would otherwise only fail inside a client: prompts, partition, reward specs, policy, device."""
+    prompts = load_prompts(config.prompts)
+    partition_prompts(prompts, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
+                      seed=config.seed)
+    for spec in config.reward_specs():
+        parse_reward_spec(spec)
+    check_policy(config.policy)
+    resolve_device(config.device)
+
+
+def simulation_backend_config(config: FirmConfig, cpus: int, verbose: bool = False) -> dict:
+    """Ray resources: one client at a time with all the CPUs, and with the GPU when the run uses
+    one. Ray hides GPUs from workers that were not given one, so without this a client's
+    device=auto would find none and train on the CPU."""
+    gpus = torch.cuda.device_count() if resolve_device(config.device).type == "cuda" else 0
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if gpus else 0.0},
+            "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False, "log_to_driver": verbose}}
+
+
+class _DropDeprecationBanner(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
+                   on_round: RoundCallback | None = None) -> None:
+    """Run the Flower apps on Flower's simulation engine, one client at a time."""
+    banner_filter = _DropDeprecationBanner()
+    logger = FLOWER_LOGGER
+    logger.addFilter(banner_filter)
+    try:
+        flwr_run_simulation(server_app=make_server_app(str(run_path), on_round), client_app=client_app,
+                            num_supernodes=config.num_clients,
+                            backend_config=simulation_backend_config(config, os.cpu_count() or 1, verbose),
+                            verbose_logging=verbose)
+    finally:
+        logger.removeFilter(banner_filter)
