@@ -15,7 +15,8 @@
 # Settings (environment variables, all optional):
 #   PRESET     FIRM preset (default: "default" = embedded SmolLM2 policy + embedded rewards;
 #              "simple-rewards" swaps in the offline relevance/civility rewards)
-#   OVERRIDES  FIRM settings, "key=value key=value" (default: tiny sizes, see below)
+#   RUN_CONFIG FIRM settings as Flower run-config keys, "key=value key=value" with TOML values
+#              (default: tiny sizes, see below; every key: docs/configuration.md)
 #   RUN_DIR    where the run is written (default: runs/flower-deployment-<time> in this repo)
 #   VENV_BIN   directory with python, flwr, flower-superlink, flower-supernode (default: .venv/bin)
 #   TIMEOUT_S  stop waiting for the run after this many seconds (default: 1800)
@@ -33,7 +34,7 @@ export PATH="$VENV_BIN:$PATH"
 
 NUM_NODES=2
 PRESET="${PRESET:-default}"
-OVERRIDES="${OVERRIDES:-num_clients=$NUM_NODES num_rounds=2 rollout_batch_size=2 max_new_tokens=8 ppo_epochs=1 num_minibatches=1}"
+RUN_CONFIG="${RUN_CONFIG:-num-clients=$NUM_NODES num-rounds=2 rollout-batch-size=2 max-new-tokens=8 ppo-epochs=1 num-minibatches=1}"
 RUN_DIR="${RUN_DIR:-$REPO/runs/flower-deployment-$(date +%Y%m%d-%H%M%S)}"
 TIMEOUT_S="${TIMEOUT_S:-1800}"
 case "$RUN_DIR" in /*) ;; *) RUN_DIR="$PWD/$RUN_DIR" ;; esac  # relative paths would resolve in the SuperLink's directory
@@ -67,15 +68,17 @@ stop_all() {
 trap stop_all EXIT
 
 # --- 0. check the settings and prepare the policy before starting anything --------------------
-echo "FIRM preset '$PRESET', overrides '$OVERRIDES'"
-"$PY" - "$PRESET" "$OVERRIDES" "$NUM_NODES" <<'EOF'
+echo "FIRM preset '$PRESET', run config '$RUN_CONFIG'"
+"$PY" - "$PRESET" "$RUN_CONFIG" "$NUM_NODES" <<'EOF'
 import sys
-from firm.config import ConfigError, build_config, parse_overrides
+from flwr.common.config import parse_config_args
+from firm.config import ConfigError
+from firm.federation.protocol import config_from_run_config, run_config_defaults
 from firm.models import resolve_policy_path
 from firm.rewards import RewardSpecError, parse_reward_spec
 
 try:
-    config = build_config(sys.argv[1], parse_overrides(sys.argv[2]))
+    config = config_from_run_config({**run_config_defaults(), "preset": sys.argv[1], **parse_config_args([sys.argv[2]])})
 except ConfigError as err:
     sys.exit(f"error: {err}")
 try:
@@ -151,7 +154,7 @@ done
 cd "$REPO"
 START=$(date +%s)
 timeout "$TIMEOUT_S" flwr run . firm-local-deployment --stream \
-    --run-config "preset=\"$PRESET\" overrides=\"$OVERRIDES\" run-dir=\"$RUN_DIR\"" ||
+    --run-config "preset=\"$PRESET\" run-dir=\"$RUN_DIR\" $RUN_CONFIG" ||
     { echo "error: flwr run failed or did not finish within ${TIMEOUT_S}s" >&2; exit 1; }
 
 # --- 6. how did it end? `flwr ls` says pending / starting / running / finished:<result> --------

@@ -25,15 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import build_tiny_tokenizer  # noqa: E402  (the offline ChatML tokenizer of the tests)
+from firm.config import FirmConfig
+from firm.evaluate import evaluate
+from firm.models import MultiObjectiveValueHead, add_lora, lora_parameters, load_policy, resolve_device
+from firm.prompts import load_prompts
+from firm.rewards import build_rewards, clear_reward_cache
+from firm.testing import build_tiny_tokenizer
+from firm.trainer import FirmLocalTrainer
 
 
 def save_models(root: Path) -> tuple[str, list[str]]:
     """A SmolLM2-135M-shaped random policy and two small random reward classifiers, saved like
     hub checkpoints. Returns (policy dir, reward dirs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tokenizer = build_tiny_tokenizer()
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -56,11 +61,6 @@ def save_models(root: Path) -> tuple[str, list[str]]:
 
 
 def client_round(policy_dir: str, reward_dirs: list[str], device: str, dtype: str, args) -> dict:
-    from firm.config import FirmConfig
-    from firm.models import MultiObjectiveValueHead, add_lora, lora_parameters, load_policy, resolve_device
-    from firm.prompts import load_prompts
-    from firm.rewards import build_rewards, clear_reward_cache
-    from firm.trainer import FirmLocalTrainer
 
     cfg = FirmConfig(policy=policy_dir, rewards=",".join(reward_dirs), device=device, dtype=dtype,
                      rollout_batch_size=args.batch_size, ppo_epochs=args.ppo_epochs,
@@ -123,7 +123,6 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    from firm.evaluate import evaluate
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,19 +1,38 @@
-"""Settings: one source of truth, presets, coercion and the README's generated table."""
+"""Settings: one source of truth, presets, coercion, and what is generated from them (the
+configuration reference and Flower's run-config keys)."""
 
+import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from firm.config import PRESETS, ConfigError, FirmConfig, build_config, config_reference_markdown, parse_overrides
+from firm.config import PRESETS, ConfigError, FirmConfig, build_config, config_reference_markdown
+from firm.federation.protocol import config_from_run_config, run_config_defaults
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+STALE = "stale: regenerate with `python scripts/generate_config_files.py`"
 
 
-def test_readme_configuration_table_is_generated_from_the_config():
-    text = README.read_text()
-    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
-    table = text[text.index(start) + len(start): text.index(end)]
-    assert table == config_reference_markdown(), "README table is stale: regenerate it with scripts/update_readme.py"
+def test_configuration_reference_is_generated_from_the_config():
+    assert (ROOT / "docs" / "configuration.md").read_text() == config_reference_markdown(), STALE
+
+
+def test_every_setting_is_a_flower_run_config_key_with_its_default():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == run_config_defaults(), STALE
+    assert set(declared) == {"preset"} | {f.name.replace("_", "-") for f in dataclasses.fields(FirmConfig)}
+
+
+def test_run_config_keys_override_the_preset_and_the_defaults():
+    run_config = {**run_config_defaults(), "preset": "paper", "num-rounds": 5, "beta": 1.0, "adaptive-kl": True}
+    cfg = config_from_run_config(run_config)
+    assert (cfg.num_rounds, cfg.beta, cfg.adaptive_kl) == (5, 1.0, True)
+    assert (cfg.num_clients, cfg.ppo_epochs) == (8, 3)  # the rest comes from the preset
+    with pytest.raises(ConfigError, match="unknown run-config key.*num-round"):
+        config_from_run_config({**run_config_defaults(), "num-round": 5})
+    with pytest.raises(ConfigError, match="beta must be >= 0"):
+        config_from_run_config({**run_config_defaults(), "beta": -1.0})
 
 
 def test_every_preset_builds_and_validates():
@@ -26,12 +45,10 @@ def test_every_preset_builds_and_validates():
 
 
 def test_overrides_are_coerced_and_unknown_keys_rejected():
-    cfg = build_config("default", parse_overrides("num_rounds=5 beta=0.1 adaptive_kl=true"))
+    cfg = build_config("default", {"num_rounds": "5", "beta": "0.1", "adaptive_kl": "true"})
     assert (cfg.num_rounds, cfg.beta, cfg.adaptive_kl) == (5, 0.1, True)
     with pytest.raises(ConfigError, match="unknown setting"):
         build_config("default", {"num_round": 5})
-    with pytest.raises(ConfigError, match="not key=value"):
-        parse_overrides("num_rounds")
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config("papr")
 

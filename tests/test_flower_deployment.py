@@ -40,9 +40,9 @@ NUM_NODES = 2
 NUM_ROUNDS = 2
 # Tiny on purpose: both runtimes start a fresh Python process per ClientApp message (import torch,
 # transformers, MiniLM for the relevance reward), which dominates the run time.
-TINY_OVERRIDES = (
-    f"num_clients={NUM_NODES} num_rounds={NUM_ROUNDS} rollout_batch_size=2 max_new_tokens=4 "
-    "ppo_epochs=1 num_minibatches=1 max_prompt_tokens=32"
+TINY_RUN_CONFIG = (
+    f"num-clients={NUM_NODES} num-rounds={NUM_ROUNDS} rollout-batch-size=2 max-new-tokens=4 "
+    "ppo-epochs=1 num-minibatches=1 max-prompt-tokens=32"
 )
 PRESET = "simple-rewards"  # rewards = relevance,civility: offline, no fitted weights needed
 STARTUP_TIMEOUT_S = 60.0
@@ -73,7 +73,6 @@ def free_port() -> int:
 
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     env = os.environ.copy()
-    env.pop("FIRM_RUN_DIR", None)  # the ServerApp must take its run dir from the run config here
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
@@ -98,9 +97,8 @@ def write_flower_config(flwr_home: Path, connections: dict[str, dict[str, object
 
 
 def run_config_args(run_dir: Path, policy_dir: Path) -> list[str]:
-    """`--run-config` for the app: TOML values, so the strings are double-quoted inside."""
-    overrides = f"policy={policy_dir} {TINY_OVERRIDES}"
-    return ["--run-config", f'preset="{PRESET}" overrides="{overrides}" run-dir="{run_dir}"']
+    """`--run-config` for the app: every FIRM setting is a key; TOML values, so strings are quoted."""
+    return ["--run-config", f'preset="{PRESET}" policy="{policy_dir}" run-dir="{run_dir}" {TINY_RUN_CONFIG}']
 
 
 def flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60.0) -> str:

@@ -53,6 +53,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
 )}
 PARTITIONS = ("iid", "dirichlet")
 
+# Where `report_to` can send training curves besides metrics.jsonl (firm.tracking).
+REPORTERS = ("none", "tensorboard")
+
 # Sampling seed of `firm eval` and of the harness's final evaluations: the same prompts and the
 # same random numbers for every adapter, so comparisons between adapters are paired.
 EVAL_SEED = 1234
@@ -161,6 +164,8 @@ class FirmConfig:
     # --- output ----------------------------------------------------------------------------
     sample_responses: int = 0
     """prompt/response pairs each client sends per round into metrics.jsonl (off: prompts are private)"""
+    report_to: str = "none"
+    """where curves go besides metrics.jsonl: none or tensorboard (RUN_DIR/tensorboard)"""
 
     # ---------------------------------------------------------------------------------------
     def reward_specs(self) -> list[str]:
@@ -210,6 +215,8 @@ class FirmConfig:
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(all(r.strip() in REPORTERS for r in self.report_to.split(",")),
+             f"report_to must be one of {REPORTERS} (comma-separated), got {self.report_to!r}")
         specs = self.reward_specs()
         need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
         need(len(self.target_modules()) >= 1, "lora_target_modules is empty")
@@ -302,24 +309,36 @@ def build_config(preset: str = "default", overrides: dict[str, Any] | None = Non
     return FirmConfig.from_dict(values).validate()
 
 
-def parse_overrides(text: str) -> dict[str, str]:
-    """Parse Flower run-config overrides: 'num_rounds=2 beta=0.1' (space- or ;-separated)."""
-    result: dict[str, str] = {}
-    for item in text.replace(";", " ").split():
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not key=value")
-        result[key.strip().replace("-", "_")] = value
-    return result
-
-
 def config_reference_markdown() -> str:
-    """The README's configuration table, generated from the fields (a test keeps them equal)."""
+    """docs/configuration.md, generated from FirmConfig, the presets and the algorithm registry
+    (scripts/generate_config_files.py writes it; a test keeps them equal)."""
     helps = field_docs(FirmConfig)
-    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/firm/config.py` by `scripts/generate_config_files.py`; do not edit by hand.",
+        "",
+        "Every setting is a `firm train` flag (`--num-rounds 5`) and a Flower run-config key of the same",
+        "kebab-case name (`flwr run . --run-config \"num-rounds=5\"`). A preset overrides some defaults;",
+        "flags and run-config keys override the preset.",
+        "",
+        "## Settings",
+        "",
+        "| flag / run-config key | default | meaning |",
+        "| --- | --- | --- |",
+    ]
     for f in fields(FirmConfig):
-        rows.append(f"| `--{f.name.replace('_', '-')}` | `{f.default!r}` | {helps.get(f.name, '')} |")
-    return "\n".join(rows) + "\n"
+        lines.append(f"| `{f.name.replace('_', '-')}` | `{f.default!r}` | {helps.get(f.name, '')} |")
+    lines += ["", "## Algorithms", "", "| algorithm | what it does | uses beta | adapters uploaded per client |",
+              "| --- | --- | --- | --- |"]
+    for a in ALGORITHMS.values():
+        lines.append(f"| `{a.name}` | {a.summary} | {'yes' if a.uses_beta else 'no'} | "
+                     f"{'M (one per objective)' if a.per_objective_upload else '1'} |")
+    lines += ["", "## Presets", "", "| preset | overrides |", "| --- | --- |"]
+    for name, values in PRESETS.items():
+        shown = ", ".join(f"`{k.replace('_', '-')}={v!r}`" for k, v in values.items()) or "(the defaults)"
+        lines.append(f"| `{name}` | {shown} |")
+    return "\n".join(lines) + "\n"
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -335,5 +354,5 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "parse_overrides", "field_docs", "coerce",
+__all__ = ["Algorithm", "ALGORITHMS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "field_docs", "coerce",
            "config_reference_markdown"]

@@ -37,6 +37,13 @@ def run_config_key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
+def run_config_defaults() -> dict[str, Any]:
+    """The run config pyproject.toml declares: ``preset`` and every FirmConfig field (kebab-case)
+    with its default. Generated into pyproject by scripts/generate_config_files.py; a test
+    keeps the two equal."""
+    return {PRESET_KEY: "default", **{run_config_key(f.name): f.default for f in dataclasses.fields(FirmConfig)}}
+
+
 def config_from_run_config(run_config: Mapping[str, Any]) -> FirmConfig:
     """The run's FirmConfig from `flwr run`'s run config.
 

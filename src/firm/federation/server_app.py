@@ -25,6 +25,7 @@ from firm.federation.strategy import FirmFedAvg, FsmgdaFedAvg, RoundResult
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
 from firm.plots import plot_run
 from firm.rundir import STATE_FILE, RunDir, default_run_dir
+from firm.tracking import make_reporters
 
 RoundCallback = Callable[[RoundResult], None]
 
@@ -58,6 +59,7 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
     if remaining <= 0:
         return
     peft_model = initial_global_model(config, run)
+    reporters = make_reporters(config.report_to, run.path)
 
     def on_round_end(result: RoundResult) -> None:
         load_adapter_state(peft_model, result.arrays.to_torch_state_dict())
@@ -66,6 +68,8 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
         run.append_metrics(result.client_records + [result.round_record])
         run.write_state(result.round)
         plot_run(run)
+        for reporter in reporters:
+            reporter.report_round(result.round_record, result.client_records)
         if on_round is not None:
             on_round(result)
 
@@ -83,6 +87,9 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
         # Keep what was written; record why the run stopped so the CLI can say it.
         run.write_state(run.completed_rounds, error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        for reporter in reporters:
+            reporter.close()
 
 
 def make_server_app(run_dir: str, on_round: RoundCallback | None = None) -> ServerApp:

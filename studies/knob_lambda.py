@@ -6,7 +6,7 @@ step, and solves lambda for a grid of preferences p and betas on those matrices.
 d lambda_1 / d p_1 = 2 beta / (d + 2 beta), with d = |g_1 - g_2|^2 / tr G, says the same in closed
 form; this prints both.
 
-    .venv/bin/python scripts/knob_lambda.py [--steps 4] [--batch-size 8]
+    .venv/bin/python studies/knob_lambda.py [--steps 4] [--batch-size 8]
 """
 
 from __future__ import annotations
