@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from firm.partition import describe_partitions, partition_prompts
+from firm.partition import PartitionError, describe_partitions, partition_prompts, split_evaluation
 from firm.prompts import Prompt
 
 
@@ -96,3 +96,31 @@ def test_bad_arguments_raise(kwargs, message):
 def test_impossible_dirichlet_split_says_what_to_change():
     with pytest.raises(ValueError, match="raise alpha"):
         partition_prompts(make_prompts(), 40, scheme="dirichlet", alpha=0.05, seed=0)
+
+
+def test_category_partition_gives_every_client_one_group_evenly():
+    prompts = make_prompts(ordinary=90, decline=60)
+    parts = partition_prompts(prompts, 4, scheme="category", seed=3)
+    assert_disjoint_cover(parts, prompts)
+    assert [{p.group for p in part} for part in parts] == [{"decline"}, {"ordinary"}, {"decline"}, {"ordinary"}]
+    assert sorted(len(part) for part in parts) == [30, 30, 45, 45]
+    assert partition_prompts(prompts, 4, scheme="category", seed=3) == parts
+    with pytest.raises(PartitionError, match="needs at least 2 clients, got 1"):
+        partition_prompts(prompts, 1, scheme="category")
+
+
+def test_evaluation_split_is_disjoint_stable_and_independent_of_the_partition():
+    prompts = make_prompts(ordinary=300, decline=200)
+    train, evaluation = split_evaluation(prompts, 0.1)
+    assert {p.messages for p in train}.isdisjoint({p.messages for p in evaluation})
+    assert len(train) + len(evaluation) == len(prompts)
+    assert 30 <= len(evaluation) <= 70  # a hash split: about 10 %
+    assert split_evaluation(list(reversed(prompts)), 0.1)[1] == list(reversed(evaluation))  # order-free
+    held_out = {p.messages for p in evaluation}
+    for scheme in ("iid", "dirichlet", "category"):
+        for seed in (0, 1):
+            for part in partition_prompts(train, 4, scheme=scheme, seed=seed):
+                assert held_out.isdisjoint(p.messages for p in part)
+    assert split_evaluation(prompts, 0.0) == (prompts, [])
+    with pytest.raises(PartitionError, match=r"eval_fraction must be in \[0, 1\)"):
+        split_evaluation(prompts, 1.0)

@@ -51,7 +51,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("linear", "fixed weights lambda = p (linear scalarisation)", False, True, False),
     Algorithm("fsmgda", "server-side MGDA over per-objective client updates (uploads M adapters)", False, False, True),
 )}
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "category")
 
 # Where `report_to` can send training curves besides metrics.jsonl (firm.tracking).
 REPORTERS = ("none", "tensorboard")
@@ -81,7 +81,7 @@ class FirmConfig:
     num_rounds: int = 3
     """federated rounds; every round each client trains locally and uploads one adapter"""
     partition: str = "iid"
-    """how prompts are split over clients: iid or dirichlet (non-IID over prompt categories)"""
+    """how prompts are split over clients: iid, dirichlet (non-IID over prompt groups) or category (each client one group)"""
     dirichlet_alpha: float = 0.5
     """concentration of the Dirichlet split; smaller = more skewed clients"""
 
