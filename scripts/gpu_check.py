@@ -28,7 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from firm.config import FirmConfig
-from firm.evaluate import evaluate
+from firm.evaluate import EvalConfig, evaluate
 from firm.models import MultiObjectiveValueHead, add_lora, lora_parameters, load_policy, resolve_device
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards, clear_reward_cache
@@ -132,9 +132,9 @@ def main() -> None:
                 result = client_round(policy_dir, reward_dirs, device, dtype, args)
                 results.append(result)
                 print(json.dumps(result), flush=True)
-            evaluation = evaluate(adapter=None, policy=policy_dir, prompts="embedded", rewards=",".join(reward_dirs),
-                                  num_prompts=16, max_new_tokens=16, temperature=0.7, batch_size=8, seed=0,
-                                  num_samples=0, device=device)
+            evaluation = evaluate(EvalConfig(policy=policy_dir, rewards=",".join(reward_dirs), num_prompts=16,
+                                             max_new_tokens=16, temperature=0.7, seed=0, show_samples=0,
+                                             device=device))
             finite = all(np.isfinite(list(evaluation["rewards"].values())))
             results.append({"device": device, "eval_rewards": evaluation["rewards"], "problems": [] if finite else
                             ["non-finite eval reward"]})

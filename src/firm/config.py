@@ -108,6 +108,8 @@ class FirmConfig:
     """prompt source: 'embedded', a .json/.jsonl(.gz) file, or hf:<dataset>[:split]"""
     max_prompt_tokens: int = 96
     """prompts longer than this keep their last tokens"""
+    eval_fraction: float = 0.1
+    """share of the prompt set held out for evaluation (by a hash of the text): no client trains on it; firm eval scores on it"""
 
     # --- rollout ---------------------------------------------------------------------------
     rollout_batch_size: int = 8
@@ -211,6 +213,7 @@ class FirmConfig:
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma and gae_lambda must be in [0, 1]")
+        need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
@@ -240,7 +243,16 @@ class FirmConfig:
 
     @classmethod
     def load(cls, path: Path) -> "FirmConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            values = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of settings, got {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
 
 def coerce(f: dataclasses.Field, value: Any) -> Any:

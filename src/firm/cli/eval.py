@@ -1,43 +1,41 @@
-"""`firm eval`: score an adapter (or the base model) on a prompt set."""
+"""`firm eval`: score an adapter (or the base model) on the held-out prompts."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
 
-from firm.config import EVAL_SEED, FirmConfig
-from firm.evaluate import evaluate
+from firm.cli.flags import add_dataclass_flags, dataclass_overrides
+from firm.config import ConfigError
+from firm.evaluate import EvalConfig, eval_config_for, evaluate
 
 
 def add_parser(subparsers) -> None:
-    defaults = FirmConfig()
-    ev = subparsers.add_parser("eval", help="score an adapter (or the base model) on a prompt set",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ev.add_argument("--adapter", help="peft adapter directory (e.g. RUN_DIR/adapters/round-003); omit for the base")
-    ev.add_argument("--policy", default=None, help="base model; default: the run's policy, else 'embedded'")
-    ev.add_argument("--prompts", default=defaults.prompts)
-    ev.add_argument("--rewards", default=defaults.rewards)
-    ev.add_argument("--num-prompts", type=int, default=32)
-    ev.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    ev.add_argument("--temperature", type=float, default=defaults.temperature)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--seed", type=int, default=EVAL_SEED)
-    ev.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    ev.add_argument("--samples", type=int, default=3, help="sample responses to show")
+    ev = subparsers.add_parser("eval", help="score an adapter (or the base model) on the held-out prompts")
+    add_dataclass_flags(ev, EvalConfig, "evaluation (defaults from firm.evaluate.EvalConfig)")
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.set_defaults(handler=eval_command)
 
 
+def check_writable(path: str) -> None:
+    """Fail before a long evaluation, not after it, when the result cannot be written."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK) or Path(path).is_dir():
+        raise ConfigError(f"--json {path}: cannot write there (no such folder, or not writable)")
+
+
 def eval_command(args: argparse.Namespace) -> int:
-    result = evaluate(adapter=args.adapter, policy=args.policy, prompts=args.prompts, rewards=args.rewards,
-                      num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
-                      num_samples=args.samples, device=args.device)
+    cfg = eval_config_for(dataclass_overrides(args, EvalConfig))
+    if args.json:
+        check_writable(args.json)
+    result = evaluate(cfg)
     console = Console()
-    console.print(f"[bold]{result['model']}[/] on {result['num_prompts']} prompts from {args.prompts}")
+    console.print(f"[bold]{result['model']}[/] on {result['num_prompts']} prompts x {result['samples_per_prompt']} "
+                  f"samples from {cfg.prompts} (split: {result['split']})")
     for name, value in result["rewards"].items():
         console.print(f"  reward {name}: {value:.4f}")
     console.print(f"  KL to base: {result['kl']:.4f} nats/response; mean response tokens {result['response_tokens']:.1f}")
