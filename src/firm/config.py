@@ -53,6 +53,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
 )}
 PARTITIONS = ("iid", "dirichlet", "category")
 
+# Base-model dtypes a run can load (float64 is not one: LoRA on CPU/GPU runs in these).
+DTYPES = ("float32", "bfloat16", "float16")
+
 # Where `report_to` can send training curves besides metrics.jsonl (firm.tracking).
 REPORTERS = ("none", "tensorboard")
 
@@ -200,8 +203,9 @@ class FirmConfig:
 
         need(self.algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {self.algorithm!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
-                     "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens"):
+                     "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens", "kl_horizon"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.num_minibatches <= self.rollout_batch_size,
              f"num_minibatches ({self.num_minibatches}) cannot exceed rollout_batch_size ({self.rollout_batch_size})")
@@ -210,6 +214,7 @@ class FirmConfig:
             value = getattr(self, name)
             need(math.isfinite(value), f"{name} must be finite, got {value}")
             need(value >= 0, f"{name} must be >= 0, got {value}")
+        need(self.sample_responses >= 0, f"sample_responses must be >= 0 (0 = off), got {self.sample_responses}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1, "gamma and gae_lambda must be in [0, 1]")

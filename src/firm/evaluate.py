@@ -125,7 +125,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     reward_models = build_rewards(run_cfg.reward_specs(), device=str(torch_device))
     model, tokenizer = load_policy(policy, run_cfg.dtype)
     if cfg.adapter is not None:
-        model = PeftModel.from_pretrained(model, cfg.adapter)
+        try:
+            model = PeftModel.from_pretrained(model, cfg.adapter)
+        except Exception as err:  # safetensors, peft and torch each raise their own type for a broken file
+            raise ConfigError(f"adapter {cfg.adapter} could not be loaded: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}") from err
     model.to(torch_device).eval()
     torch.manual_seed(cfg.seed)
     scores, kls, lengths, samples = [], [], [], []

@@ -8,6 +8,7 @@ commands that run from a config dataclass are generated from it (firm.cli.flags)
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from typing import Sequence
@@ -32,11 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A value that starts with a minus and a digit ("-0.5,1.5") is a value, not a flag.
+NEGATIVE_VALUE = re.compile(r"^-\.?\d")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--flag -0.5,1.5`` -> ``--flag=-0.5,1.5``: argparse would read the value as an unknown
+    flag and report a missing argument instead of checking the value."""
+    out: list[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        if tokens[i].startswith("--") and "=" not in tokens[i] and i + 1 < len(tokens) \
+                and NEGATIVE_VALUE.match(tokens[i + 1]):
+            out.append(f"{tokens[i]}={tokens[i + 1]}")
+            i += 2
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Library deprecation chatter (transformers, Ray, click) is not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:

@@ -20,10 +20,12 @@ import torch
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.simulation import run_simulation as flwr_run_simulation
 
-from firm.config import FirmConfig
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from firm.config import ConfigError, FirmConfig
 from firm.federation.client_app import app as client_app
 from firm.federation.server_app import RoundCallback, make_server_app
-from firm.models import check_policy, resolve_device
+from firm.models import check_policy, resolve_device, resolve_policy_path
 from firm.partition import partition_prompts
 from firm.prompts import load_prompts
 from firm.rewards import parse_reward_spec
@@ -31,14 +33,34 @@ from firm.rewards import parse_reward_spec
 
 def preflight(config: FirmConfig) -> None:
     """Fail before starting Flower (and before creating the run directory) on inputs that
-    would otherwise only fail inside a client: prompts, partition, reward specs, policy, device."""
+    would otherwise only fail inside a client: prompts, partition, reward specs, policy and
+    its LoRA targets and context length, device."""
     prompts = load_prompts(config.prompts)
     partition_prompts(prompts, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
                       seed=config.seed)
     for spec in config.reward_specs():
         parse_reward_spec(spec)
     check_policy(config.policy)
+    check_policy_settings(config)
     resolve_device(config.device)
+
+
+def check_policy_settings(config: FirmConfig) -> None:
+    """The LoRA target modules exist in the policy, and prompt + response fit its context. Reads
+    the policy's config and builds its module tree on the meta device (no weights)."""
+    model_config = AutoConfig.from_pretrained(resolve_policy_path(config.policy))
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and config.max_prompt_tokens + config.max_new_tokens > limit:
+        raise ConfigError(f"max_prompt_tokens + max_new_tokens = {config.max_prompt_tokens + config.max_new_tokens} "
+                          f"exceeds the policy's context of {limit} tokens")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    missing = [name for name in config.target_modules() if name not in linear]
+    if missing:
+        raise ConfigError(f"lora_target_modules {', '.join(missing)} not found in the policy; its linear layers are: "
+                          f"{', '.join(linear)}")
 
 
 def simulation_backend_config(config: FirmConfig, cpus: int, verbose: bool = False) -> dict:
