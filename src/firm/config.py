@@ -53,6 +53,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
 )}
 PARTITIONS = ("iid", "dirichlet", "category")
 
+# Local optimisers (see FirmConfig.optimizer).
+OPTIMIZERS = ("adamw-reset", "adamw", "sgd")
+
 # Base-model dtypes a run can load (float64 is not one: LoRA on CPU/GPU runs in these).
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -74,7 +77,7 @@ class FirmConfig:
     run_dir: str = ""
     """where the run writes config, metrics, adapters and plots ('' = runs/<preset>-<time>)"""
     seed: int = 0
-    """seeds prompt partitioning, sampling and LoRA initialisation"""
+    """seeds sampling and LoRA initialisation (the prompt split has its own partition_seed)"""
     algorithm: str = "firm"
     """firm: in-client regularized MGDA; mgda: beta = 0; linear: fixed weights p; fsmgda: server-side MGDA (uploads M adapters); see ALGORITHMS"""
 
@@ -87,6 +90,8 @@ class FirmConfig:
     """how prompts are split over clients: iid, dirichlet (non-IID over prompt groups) or category (each client one group)"""
     dirichlet_alpha: float = 0.5
     """concentration of the Dirichlet split; smaller = more skewed clients"""
+    partition_seed: int = 0
+    """seeds the split of prompts over clients, apart from seed: runs with several seeds share one partition"""
 
     # --- policy and LoRA -------------------------------------------------------------------
     policy: str = "embedded"
@@ -132,7 +137,9 @@ class FirmConfig:
     num_minibatches: int = 2
     """minibatches per PPO epoch; each is one FIRM step (one forward, M gradients, one update)"""
     learning_rate: float = 3e-4
-    """AdamW step size for LoRA and the value head"""
+    """step size for LoRA and the value head"""
+    optimizer: str = "adamw-reset"
+    """adamw-reset: a fresh AdamW every round; adamw: AdamW whose state the client keeps across rounds; sgd: the step is -lr * sum_m lambda_m g_m (the direction MGDA's theory is about; wants a larger learning_rate)"""
     max_grad_norm: float = 1.0
     """clip the norm of the combined update direction"""
     clip_range: float = 0.2
@@ -147,6 +154,8 @@ class FirmConfig:
     """GAE lambda"""
     kl_coef: float = 0.05
     """per-token KL penalty against the reference (the base model, adapter disabled)"""
+    kl_in_objectives: bool = True
+    """true: the KL penalty is part of every objective's reward (and so of every g_m and the Gram matrix); false: a KL loss whose gradient is added outside the MGDA combination"""
     adaptive_kl: bool = False
     """adapt kl_coef towards kl_target (Ziegler et al., 2019)"""
     kl_target: float = 6.0
@@ -203,6 +212,7 @@ class FirmConfig:
 
         need(self.algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {self.algorithm!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
                      "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens", "kl_horizon"):

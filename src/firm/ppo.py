@@ -246,6 +246,17 @@ def clipped_surrogate_losses(
     return losses, stats
 
 
+def kl_penalty_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The KL term as a loss of its own (kl_in_objectives = false): the masked token mean of the
+    k3 estimator ``exp(ref - logp) - (ref - logp) - 1`` (Schulman 2020; GRPO's choice): >= 0,
+    unbiased for KL(pi || pi_ref) under samples from pi, 0 where the policies agree."""
+    if logprobs.shape != ref_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be [B, T]")
+    delta = ref_logprobs - logprobs
+    return masked_mean(torch.exp(delta) - delta - 1.0, mask)
+
+
 def clipped_value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

@@ -40,6 +40,7 @@ from firm.ppo import (
     clipped_value_loss,
     compute_rewards,
     gae,
+    kl_penalty_loss,
     masked_mean,
     per_token_kl,
     whiten,
@@ -80,10 +81,35 @@ class RoundStats:
     value_losses: list[float] = field(default_factory=list)
     approx_kls: list[float] = field(default_factory=list)
     clipfracs: list[float] = field(default_factory=list)
+    step_records: list["StepRecord"] = field(default_factory=list)  # one per local step, skipped ones too
     skipped_steps: int = 0
     steps: int = 0
     num_examples: int = 0
     samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class StepRecord:
+    """The geometry of one local step: what claims 2 and 3 (smoothness, drift) are about."""
+
+    weights: np.ndarray  # lambda [M] (zeros for a skipped step)
+    gram_distance: np.ndarray  # |g_i - g_j|^2 / tr G per objective pair (i < j)
+    cosine: np.ndarray  # cos(g_i, g_j) per objective pair
+    norm_ratio: float  # smallest / largest gradient norm, in [0, 1]
+    taken: bool
+
+
+def gram_geometry(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per objective pair (i < j): D_ij = |g_i - g_j|^2 / tr G and the cosine; and the ratio of
+    the largest to the smallest gradient norm. D near 0 means collinear gradients (every
+    weighting is the same step); with two objectives MGDA's lambda_1 = (G_22 - G_12) / (tr G D).
+    The norm ratio is smallest / largest, so it stays in [0, 1] when a gradient vanishes."""
+    pairs = np.triu_indices(gram.shape[0], k=1)
+    diag = np.diag(gram)
+    distance = (diag[:, None] + diag[None, :] - 2 * gram)[pairs] / max(float(np.trace(gram)), 1e-300)
+    norms = np.sqrt(np.maximum(diag, 0.0))
+    ratio = float(norms.min() / norms.max()) if norms.max() > 0 else 0.0
+    return distance, cosine_similarity_matrix(gram)[pairs], ratio
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -195,8 +221,10 @@ class FirmLocalTrainer:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([{"params": self.lora_params}, {"params": list(self.value_head.parameters())}],
-                                 lr=self.config.learning_rate)
+        groups = [{"params": self.lora_params}, {"params": list(self.value_head.parameters())}]
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.config.learning_rate)
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate)  # adamw / adamw-reset
 
     # ---- 1. rollout ----------------------------------------------------------------------
     @torch.no_grad()
@@ -222,7 +250,10 @@ class FirmLocalTrainer:
             self.reward_stats.update(scores)
             scores = self.reward_stats.normalize(scores)
         kl = per_token_kl(rollout.logprobs, rollout.ref_logprobs)
-        rewards = compute_rewards(scores, kl, rollout.response_mask, self.kl_controller.value)
+        # KL inside every objective's reward, or (kl_in_objectives = false) as a loss of its own
+        # in firm_step, outside the combination the weights are solved for.
+        kl_coef_in_rewards = self.kl_controller.value if cfg.kl_in_objectives else 0.0
+        rewards = compute_rewards(scores, kl, rollout.response_mask, kl_coef_in_rewards)
         advantages, returns = gae(rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, rollout.response_mask)
@@ -242,6 +273,13 @@ class FirmLocalTrainer:
                                           rollout.response_length, cfg.temperature)
         losses, pg_stats = clipped_surrogate_losses(logprobs, rollout.logprobs[idx], advantages[idx], mask,
                                                     cfg.clip_range)
+        kl_grad = None
+        if not cfg.kl_in_objectives:  # the KL loss's own gradient, added after the weights are solved
+            kl_loss = self.kl_controller.value * kl_penalty_loss(logprobs, rollout.ref_logprobs[idx], mask)
+            kl_grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(
+                torch.autograd.grad(kl_loss, self.lora_params, retain_graph=True, allow_unused=True),
+                self.lora_params)]).double()
+
         # Per-objective gradients from the one graph (M backward passes, one forward).
         per_objective = []
         for m in range(self.num_objectives):
@@ -254,13 +292,17 @@ class FirmLocalTrainer:
         values = self.value_head(hidden)
         value_loss, _ = clipped_value_loss(values, rollout.values[idx], returns[idx], mask, cfg.clip_range_value)
 
-        if not (torch.isfinite(flat).all() and torch.isfinite(value_loss)) or not flat.abs().sum() > 0:
+        if not (torch.isfinite(flat).all() and torch.isfinite(value_loss)) or not flat.abs().sum() > 0 \
+                or (kl_grad is not None and not torch.isfinite(kl_grad).all()):
             stats.skipped_steps += 1  # never apply a non-finite or empty direction
+            stats.step_records.append(self.skipped_record())
             self.optimizer.zero_grad(set_to_none=True)
             return
         gram = (flat @ flat.T).cpu().numpy()
         weights = self.objective_weights(gram)
         direction = torch.from_numpy(weights).to(flat) @ flat  # sum_m lambda_m g_m
+        if kl_grad is not None:
+            direction = direction + kl_grad
         offset = 0
         for p in self.lora_params:
             n = p.numel()
@@ -276,12 +318,17 @@ class FirmLocalTrainer:
 
         stats.steps += 1
         stats.lambdas.append(weights)
-        cos = cosine_similarity_matrix(gram)
-        stats.cosines.append(cos[np.triu_indices(self.num_objectives, k=1)])
+        distance, cosine, norm_ratio = gram_geometry(gram)
+        stats.cosines.append(cosine)
+        stats.step_records.append(StepRecord(np.asarray(weights, dtype=np.float64), distance, cosine, norm_ratio, True))
         stats.policy_losses.append(float(torch.dot(torch.from_numpy(weights).to(losses), losses.detach())))
         stats.value_losses.append(float(value_loss.detach()))
         stats.approx_kls.append(float(pg_stats["approx_kl"]))
         stats.clipfracs.append(float(pg_stats["clipfrac"].mean()))
+
+    def skipped_record(self) -> StepRecord:
+        pairs = self.num_objectives * (self.num_objectives - 1) // 2
+        return StepRecord(np.zeros(self.num_objectives), np.zeros(pairs), np.zeros(pairs), 0.0, False)
 
     # ---- one round --------------------------------------------------------------------------
     def collect(self, shard: Sequence[Prompt], rng: random.Random, stats: RoundStats):
@@ -345,6 +392,13 @@ def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float
         metrics["lambda_last"] = uniform
         metrics["grad_cosine"] = [0.0] * (M * (M - 1) // 2)
         metrics["policy_loss"] = metrics["value_loss"] = metrics["approx_kl"] = metrics["clipfrac"] = 0.0
+    # Per local step, flattened (step-major), so smoothness and drift can be measured per step.
+    records = stats.step_records
+    metrics["step_lambda"] = [float(x) for r in records for x in r.weights]
+    metrics["step_gram_distance"] = [float(x) for r in records for x in r.gram_distance]
+    metrics["step_cosine"] = [float(x) for r in records for x in r.cosine]
+    metrics["step_norm_ratio"] = [r.norm_ratio for r in records]
+    metrics["step_taken"] = [float(r.taken) for r in records]
     metrics["steps"] = stats.steps
     metrics["skipped_steps"] = stats.skipped_steps
     metrics["num-examples"] = stats.num_examples
