@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from firm.cli.flags import add_dataclass_flags, dataclass_overrides
+from firm.config import ConfigError
 from firm.rewards import RewardModel, build_reward
 from firm.rewards.errors import RewardModelError
 from firm.rewards.fit_config import FitConfig
@@ -111,5 +112,5 @@ def _build_reward(spec: str) -> RewardModel:
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
+            raise ConfigError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
