@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from firm.hh import HHFormatError, parse_hh_transcript
 from firm.prompts import (
     Prompt,
     PromptFormatError,
     load_embedded_prompts,
     load_prompts,
-    parse_hh_transcript,
 )
 
 SHARED_DATA = Path(os.environ.get("FIRM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -89,7 +89,7 @@ def test_parse_hh_transcript_keeps_a_final_assistant_reply():
 
 @pytest.mark.parametrize("bad", ["Human: hi\n\nAssistant:", "\n\nHuman: hi there", "hello"])
 def test_parse_hh_transcript_rejects_non_transcripts(bad):
-    with pytest.raises(PromptFormatError, match="HH transcript"):
+    with pytest.raises(HHFormatError, match="HH transcript"):
         parse_hh_transcript(bad)
 
 

@@ -1,4 +1,4 @@
-"""The pure functions of scripts/reward_conflict.py (the script itself samples from the real policy)."""
+"""The pure functions of studies/reward_conflict.py (the study itself samples from the real policy)."""
 
 import importlib.util
 import sys
@@ -7,19 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 @pytest.fixture(scope="module")
 def conflict():
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(STUDIES))
     try:
-        spec = importlib.util.spec_from_file_location("reward_conflict", SCRIPTS / "reward_conflict.py")
+        spec = importlib.util.spec_from_file_location("reward_conflict", STUDIES / "reward_conflict.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
-        sys.path.remove(str(SCRIPTS))
+        sys.path.remove(str(STUDIES))
 
 
 def test_refusal_contrast_counts_by_hand(conflict):

@@ -17,35 +17,18 @@ import pytest
 import torch
 
 from firm.cli.reward import add_parser as add_reward_commands
-from firm.reward_model import (
-    BACKBONES,
-    DESCRIPTOR_FILE,
-    EMBEDDED_REWARD_DIR,
-    FitConfig,
-    FittedRewardModel,
-    InputFormat,
-    PairFileError,
-    PreferencePair,
-    RewardModelError,
-    as_hh_prompt,
-    collate,
-    cross_validated_accuracy,
-    encode_example,
-    evaluate_pairs,
-    fit_linear_bradley_terry,
-    fit_reward_model,
-    forward_from_states,
-    frozen_block_states,
-    hh_to_messages,
-    load_base,
-    load_pairs,
-    messages_to_hh,
-    pairwise_report,
-    pearson_spearman,
-    pool_response_states,
-    split_by_prompt,
-    split_hh_transcript,
-)
+from firm.hh import as_hh_prompt, hh_to_messages, messages_to_hh, split_hh_transcript
+from firm.rewards.backbones import BACKBONES, load_base
+from firm.rewards.descriptor import DESCRIPTOR_FILE, EMBEDDED_REWARD_DIR
+from firm.rewards.encoding import InputFormat, collate, encode_example
+from firm.rewards.errors import PairFileError, RewardModelError
+from firm.rewards.fit_config import FitConfig
+from firm.rewards.fitted import FittedRewardModel
+from firm.rewards.frozen_blocks import forward_from_states, frozen_block_states, pool_response_states
+from firm.rewards.pairs import PreferencePair, load_pairs, split_by_prompt
+from firm.rewards.pairwise import evaluate_pairs, pairwise_report, pearson_spearman
+from firm.rewards.pipeline import fit_reward_model
+from firm.rewards.probe_fit import cross_validated_accuracy, fit_linear_bradley_terry
 
 SHARED_DATA = Path(os.environ.get("FIRM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -136,10 +119,10 @@ def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="firm")
     add_reward_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return args.handler(args)
 
 
-TINY_FIT = ["--epochs", "12", "--learning-rate", "5e-3", "--batch-pairs", "4", "--lora-r", "4",
+TINY_FIT = ["--epochs", "12", "--learning-rate", "5e-3", "--batch-pairs", "4", "--lora-r", "4", "--lora-alpha", "8",
             "--max-length", "64", "--max-response-tokens", "16"]
 
 

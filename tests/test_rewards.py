@@ -20,6 +20,7 @@ from transformers import (
 from firm import rewards
 from firm.prompts import Prompt
 from firm.rewards import RewardSpecError, build_reward, build_rewards, describe_reward
+from firm.rewards.scorers import format_hh_input
 
 torch.set_num_threads(1)
 
@@ -130,7 +131,7 @@ def test_hf_reward_truncates_from_the_left_so_the_response_survives(tmp_path, ti
 
 def test_hf_reward_reads_the_hh_formulation():
     prompt = make_prompt("Why is the sky blue?")
-    assert rewards.format_hh_input(prompt, "Scattering.") == (
+    assert format_hh_input(prompt, "Scattering.") == (
         "\n\nHuman: Why is the sky blue?\n\nAssistant: Scattering."
     )
 
@@ -235,7 +236,7 @@ def test_score_checks_batch_shapes(spec):
 
 
 class FakeFittedRewardModel:
-    """Stands in for firm.reward_model.FittedRewardModel, recording how it was loaded."""
+    """Stands in for firm.rewards.fitted.FittedRewardModel, recording how it was loaded."""
 
     def __init__(self, path: str, device: str):
         self.path, self.device = path, device
@@ -251,9 +252,9 @@ class FakeFittedRewardModel:
 
 @pytest.fixture
 def fake_fitted_module(monkeypatch):
-    module = types.ModuleType("firm.reward_model")
+    module = types.ModuleType("firm.rewards.fitted")
     module.FittedRewardModel = FakeFittedRewardModel
-    monkeypatch.setitem(sys.modules, "firm.reward_model", module)
+    monkeypatch.setitem(sys.modules, "firm.rewards.fitted", module)
     return module
 
 
@@ -275,7 +276,7 @@ def test_directory_with_firm_reward_json_loads_a_fitted_model(tmp_path, fake_fit
 
 def test_fitted_model_unavailable_is_a_clear_error(tmp_path, monkeypatch):
     path = make_fitted_dir(tmp_path / "helpful")
-    monkeypatch.setitem(sys.modules, "firm.reward_model", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "firm.rewards.fitted", None)  # makes the import fail
     with pytest.raises(RewardSpecError, match="fitted reward models are not available"):
         build_reward(str(path))
 

@@ -14,7 +14,9 @@ Sources accepted by `load_prompts`:
     * instruction lists  {"instruction": "...", "input": "...", "subset": "..."},
     * HH-RLHF pairs      {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}:
       the prompt is `chosen` up to and including its last "\\n\\nAssistant:".
-- "hf:<dataset>[:split]": `datasets.load_dataset`, records mapped as above.
+- "hf:<owner>/<name>[/<data_dir>][:split]": `datasets.load_dataset`, records mapped as above.
+
+Files and hub datasets are read by firm.records, HH transcripts parsed by firm.hh.
 
 Categories name where a prompt comes from as "group/subgroup"; the group (the part before
 the first "/") is what the non-IID partitioner skews clients by: "ordinary"/"decline" for
@@ -23,31 +25,22 @@ the embedded set, "hh" for HH-RLHF transcripts, "instruction" for instruction da
 
 from __future__ import annotations
 
-import gzip
 import importlib.resources
-import json
 import random
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from firm.errors import FirmError
-
-USER, ASSISTANT = "user", "assistant"
-HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-_HH_ROLE = {"Human": USER, "Assistant": ASSISTANT}
-_HH_SPEAKER = {USER: "Human", ASSISTANT: "Assistant"}
-_HH_TURN_MARKER = re.compile(r"\n\n(Human|Assistant):")
+from firm.hh import ASSISTANT, HH_HUMAN, USER, HHFormatError, parse_hh_transcript, render_hh, split_hh_transcript
+from firm.records import HUB_FORM, HUB_PREFIX, RecordFileError, hub_records, jsonl_records, read_records
 
 EMBEDDED_RESOURCE = "data/prompts.jsonl"
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-JSON_SUFFIXES = (".json", ".json.gz")
 ACCEPTED_SOURCES = (
     "'embedded' (the package's prompt set), "
     "a path to an existing .jsonl, .jsonl.gz, .json or .json.gz file, "
-    "or 'hf:<dataset_name>[:split]' (Hugging Face Hub, needs network)"
+    f"or '{HUB_FORM}' (Hugging Face Hub, needs network)"
 )
 
 
@@ -95,31 +88,11 @@ class Prompt:
 
     def hh_text(self) -> str:
         """The HH-RLHF formulation "\\n\\nHuman: ...\\n\\nAssistant:" that HH reward models were trained on."""
-        turns = "".join(f"\n\n{_HH_SPEAKER[role]}: {content}" for role, content in self.messages)
-        return turns + HH_ASSISTANT
-
-
-def parse_hh_transcript(text: str) -> tuple[tuple[str, str], ...]:
-    """Split an HH-RLHF transcript "\\n\\nHuman: a\\n\\nAssistant: b..." into (role, content) turns.
-
-    A trailing empty "\\n\\nAssistant:" is the cue for the reply to come, not a turn, so it is
-    dropped: parsing `Prompt.hh_text()` gives back the prompt's messages. Contents are
-    stripped. Empty turns before the last are kept (the full HH-RLHF set may hold some);
-    only the final user message must have text, which `Prompt` checks.
-    """
-    if not text.startswith(HH_HUMAN):
-        raise PromptFormatError(f"an HH transcript must start with {HH_HUMAN!r}, got {text[:40]!r}")
-    if HH_ASSISTANT not in text:
-        raise PromptFormatError(f"an HH transcript must contain {HH_ASSISTANT!r}")
-    pieces = _HH_TURN_MARKER.split(text)  # ["", "Human", " a", "Assistant", " b", ...]
-    turns = [(_HH_ROLE[speaker], content.strip()) for speaker, content in zip(pieces[1::2], pieces[2::2])]
-    if turns[-1] == (ASSISTANT, ""):
-        turns.pop()
-    return tuple(turns)
+        return render_hh(self.messages)
 
 
 def load_prompts(source: str, *, limit: int | None = None, seed: int = 0) -> list[Prompt]:
-    """Load unique prompts from `source` ("embedded", a local file, or "hf:<name>[:split]").
+    """Load unique prompts from `source` ("embedded", a local file, or "hf:<owner>/<name>[:split]").
 
     Duplicates (same messages) are dropped keeping the first: preference data repeats each
     prompt once per compared pair. `limit` takes a random subset of that size, the same one
@@ -127,8 +100,8 @@ def load_prompts(source: str, *, limit: int | None = None, seed: int = 0) -> lis
     """
     if source == "embedded":
         prompts = load_embedded_prompts()
-    elif source.startswith("hf:"):
-        prompts = _load_hub_prompts(source)
+    elif source.startswith(HUB_PREFIX):
+        prompts = _prompts_from_records(hub_records(source), source)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -141,92 +114,26 @@ def load_embedded_prompts() -> list[Prompt]:
     """The package's own prompt set: ordinary requests and requests to decline."""
     resource = importlib.resources.files("firm").joinpath(EMBEDDED_RESOURCE)
     name = f"firm/{EMBEDDED_RESOURCE}"
-    lines = _split_lines(resource.read_text(encoding="utf-8"))
-    return _unique_prompts(_prompts_from_records(_jsonl_records(lines, name), name), name)
+    lines = resource.read_text(encoding="utf-8").split("\n")
+    return _prompts_from_records(jsonl_records(lines, name), name)
 
 
 def _load_file_prompts(path: Path) -> list[Prompt]:
-    name = str(path)
-    lowered = path.name.lower()
-    if lowered.endswith(JSONL_SUFFIXES):
-        records = list(_jsonl_records(_split_lines(_read_text(path)), name))
-    elif lowered.endswith(JSON_SUFFIXES):
-        records = list(_json_document_records(_read_text(path), name))
-    else:
-        raise PromptFormatError(f"{name}: unsupported file type; expected one of {JSONL_SUFFIXES + JSON_SUFFIXES}")
-    return _unique_prompts(_prompts_from_records(records, name), name)
-
-
-def _read_text(path: Path) -> str:
-    """Whole file as UTF-8 text, gunzipped when the name ends in .gz."""
-    try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
-                return handle.read()
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise PromptFormatError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-
-
-def _split_lines(text: str) -> list[str]:
-    """JSONL lines; split on "\n" only, since str.splitlines also breaks on U+2028 that JSON strings may hold."""
-    return text.split("\n")
-
-
-def _jsonl_records(lines: Iterable[str], name: str) -> Iterator[tuple[str, Any]]:
-    """(location "name:LINE", decoded object) for every non-blank line."""
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{name}:{line_number}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptFormatError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-
-
-def _json_document_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
-    """Records of a .json file (a list of objects, or one object) with the line each starts on.
-
-    The whole document is decoded once to report syntax errors with their line; a second
-    pass walks the list with `raw_decode` only to learn where each element starts, so that
-    an error about record 412 points at its line rather than at "record 412".
-    """
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PromptFormatError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(document, list):
-        yield f"{name}:{_line_of(text, _skip_whitespace(text, 0))}", document
-        return
-    decoder = json.JSONDecoder()
-    position = _skip_whitespace(text, _skip_whitespace(text, 0) + 1)  # just past "["
-    for element in document:
-        _, end = decoder.raw_decode(text, position)
-        yield f"{name}:{_line_of(text, position)}", element
-        position = _skip_whitespace(text, end)
-        if text[position] == ",":
-            position = _skip_whitespace(text, position + 1)
-
-
-def _skip_whitespace(text: str, position: int) -> int:
-    while position < len(text) and text[position] in " \t\r\n":
-        position += 1
-    return position
-
-
-def _line_of(text: str, position: int) -> int:
-    return text.count("\n", 0, position) + 1
+    return _prompts_from_records(read_records(path), str(path))
 
 
 def _prompts_from_records(records: Iterable[tuple[str, Any]], name: str) -> list[Prompt]:
+    """The unique prompts of (where, record) items; errors name the record's place."""
     prompts = []
-    for where, record in records:
-        try:
-            prompts.append(prompt_from_record(record))
-        except PromptFormatError as exc:
-            raise PromptFormatError(f"{where}: {exc}") from None
-    return prompts
+    try:
+        for where, record in records:
+            try:
+                prompts.append(prompt_from_record(record))
+            except PromptFormatError as exc:
+                raise PromptFormatError(f"{where}: {exc}") from None
+    except RecordFileError as exc:
+        raise PromptFormatError(str(exc)) from None
+    return _unique_prompts(prompts, name)
 
 
 def prompt_from_record(record: Any) -> Prompt:
@@ -240,7 +147,7 @@ def prompt_from_record(record: Any) -> Prompt:
     if "prompt" in record:
         prompt_text = _string_field(record, "prompt")
         if prompt_text.startswith(HH_HUMAN):
-            messages, default_category = parse_hh_transcript(prompt_text), "hh"
+            messages, default_category = _parse_hh(prompt_text, "prompt"), "hh"
         else:
             messages, default_category = ((USER, prompt_text.strip()),), "instruction"
     elif "instruction" in record:
@@ -251,7 +158,7 @@ def prompt_from_record(record: Any) -> Prompt:
         text = f"{instruction}\n\n{extra_input}" if extra_input else instruction
         messages, default_category = ((USER, text),), "instruction"
     elif "chosen" in record:
-        messages, default_category = parse_hh_transcript(_hh_prompt_part(_string_field(record, "chosen"))), "hh"
+        messages, default_category = _parse_hh(_string_field(record, "chosen"), "chosen", prompt_part=True), "hh"
     else:
         raise PromptFormatError(
             f"record has none of the fields 'prompt', 'instruction', 'chosen' (it has {sorted(record)})"
@@ -266,12 +173,13 @@ def _string_field(record: dict, field: str) -> str:
     return value
 
 
-def _hh_prompt_part(transcript: str) -> str:
-    """Everything up to and including the last "\\n\\nAssistant:": the conversation before the judged reply."""
-    cut = transcript.rfind(HH_ASSISTANT)
-    if cut < 0:
-        raise PromptFormatError(f"field 'chosen' is not an HH transcript: it has no {HH_ASSISTANT!r}")
-    return transcript[: cut + len(HH_ASSISTANT)]
+def _parse_hh(text: str, field: str, prompt_part: bool = False) -> tuple[tuple[str, str], ...]:
+    """The turns of an HH transcript field; with ``prompt_part``, of the conversation before its
+    last "\\n\\nAssistant:" (the judged reply of a preference pair is not part of the prompt)."""
+    try:
+        return parse_hh_transcript(split_hh_transcript(text)[0] if prompt_part else text)
+    except HHFormatError as exc:
+        raise PromptFormatError(f"field {field!r} is not an HH transcript: {exc}") from None
 
 
 def _category(record: dict, default_group: str) -> str:
@@ -302,23 +210,3 @@ def _take_random_subset(prompts: list[Prompt], limit: int, seed: int, source: st
         raise ValueError(f"limit {limit} exceeds the {len(prompts)} unique prompts in {source!r}")
     chosen = sorted(random.Random(seed).sample(range(len(prompts)), limit))
     return [prompts[i] for i in chosen]
-
-
-def _load_hub_prompts(source: str) -> list[Prompt]:
-    """Load "hf:<name>[:split]" with `datasets`; the split defaults to "train"."""
-    name, _, split = source[len("hf:"):].partition(":")
-    split = split or "train"
-    if not name:
-        raise ValueError(f"prompt source {source!r} names no dataset; expected 'hf:<dataset_name>[:split]'")
-    import datasets  # deferred: importing it costs seconds and only this path needs it
-
-    try:
-        rows = datasets.load_dataset(name, split=split)
-    except OSError as exc:  # ConnectionError when offline, FileNotFoundError for unknown names
-        raise ConnectionError(
-            f"could not load {name!r} (split {split!r}) from the Hugging Face Hub: {exc}. The hub may be "
-            "unreachable from this machine (or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set); download the data "
-            "and pass a local .jsonl, .jsonl.gz, .json or .json.gz path as the prompt source instead."
-        ) from exc
-    records = ((f"{source} row {index}", row) for index, row in enumerate(rows))
-    return _unique_prompts(_prompts_from_records(records, source), source)

@@ -1,4 +1,4 @@
-"""Set-up shared by the reward scripts (bench_reward_cost.py, reward_conflict.py): the
+"""Set-up shared by the reward studies (bench_reward_cost.py, reward_conflict.py): the
 generation flags they both take and the default-preset config they sample with."""
 
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+
+from firm.config import build_config
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +23,6 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
 def sampling_config(args: argparse.Namespace, **overrides):
     """Apply --threads and --seed, and return the "default" preset's config with the batch
     size, --max-new-tokens and ``overrides`` set."""
-    from firm.config import build_config
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     overrides["rollout_batch_size"] = args.batch_size

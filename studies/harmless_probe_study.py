@@ -1,15 +1,15 @@
 """Which block and pooling of the frozen SmolLM2 should the harmless probe read?
 
 The shipped harmless reward is a linear Bradley-Terry head on SmolLM2-135M-Instruct's block 12
-(see README, "Reward models"). This script re-opens that choice on the training part of the
+(see docs/reward-models.md). This script re-opens that choice on the training part of the
 harmless pairs only: it extracts, once, pooled states of every block up to ``--num-layers``
 for every pair, then scores a fixed list of candidate probes by 5-fold cross-validation over
 prompts, repeated over 3 shuffles of the prompts into folds (one shuffle moves the accuracy by
 about 0.01, as much as the candidates differ). The held-out part is only scored with
 ``--show-heldout``, and only to report the candidate that cross-validation picked.
 
-    python scripts/harmless_probe_study.py                         # about 6 min features + 8 min CV
-    python scripts/harmless_probe_study.py --cache /tmp/harmless-states.npz --show-heldout
+    python studies/harmless_probe_study.py                         # about 6 min features + 8 min CV
+    python studies/harmless_probe_study.py --cache /tmp/harmless-states.npz --show-heldout
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from firm.rewards.backbones import load_base, transformer_blocks
+from firm.rewards.encoding import collate, encode_pairs, length_sorted_batches
+from firm.rewards.fit_config import FitConfig
+from firm.rewards.frozen_blocks import pool_response_states
+from firm.rewards.pairs import load_pairs, prompt_group_key, split_by_prompt
+from firm.rewards.probe_fit import fit_linear_bradley_terry
 
 POOLINGS = ("last", "mean", "first8")  # last token; mean over response tokens; mean of the first 8 of them
 FIRST_TOKENS = 8
@@ -41,27 +48,24 @@ CANDIDATES = [
 def extract(data: str, num_layers: int, threads: int) -> dict[str, np.ndarray]:
     """Pooled states [pairs, blocks, poolings, hidden] of chosen and rejected replies, the
     prompt group of each pair, and how many of the pairs (first) are the training part."""
-    from firm.reward_model import (FitConfig, _backbone_parts, _encode_pairs, _length_sorted_batches, collate,
-                                   load_base, load_pairs, pool_response_states, prompt_group_key, split_by_prompt)
-
     torch.set_num_threads(threads)
     train, test = split_by_prompt(load_pairs(data), 0.2, 0)
     pairs = train + test
-    # The shipped reward's input format (README's fit command).
+    # The shipped reward's input format (its fit command in docs/reward-models.md).
     config = FitConfig(backbone="smollm2", num_layers=num_layers, chat_template=True, head="probe",
                        max_response_tokens=160)
     base, tokenizer = load_base("smollm2", None, num_layers)
     base.eval()
-    fmt, chosen, rejected = _encode_pairs(config, tokenizer, pairs)
-    _, holder, attribute = _backbone_parts(base)
+    fmt = config.input_format()
+    chosen, rejected = encode_pairs(tokenizer, fmt, pairs)
     captured: dict[int, torch.Tensor] = {}
-    for block, module in enumerate(getattr(holder, attribute)):
+    for block, module in enumerate(transformer_blocks(base)):
         module.register_forward_hook(lambda m, i, output, block=block: captured.__setitem__(
             block, output[0] if isinstance(output, tuple) else output))
 
     def pooled(examples) -> np.ndarray:
         out = np.zeros((len(examples), num_layers, len(POOLINGS), base.config.hidden_size), np.float32)
-        for batch in _length_sorted_batches([len(ids) for ids, _ in examples], 16):
+        for batch in length_sorted_batches([len(ids) for ids, _ in examples], 16):
             with torch.no_grad():
                 base(**collate([examples[index] for index in batch], tokenizer.pad_token_id, fmt.kind))
             for row, index in enumerate(batch):
@@ -96,8 +100,6 @@ def accuracy(scores: np.ndarray) -> float:
 
 class Study:
     def __init__(self, cache: dict[str, np.ndarray]):
-        from firm.reward_model import fit_linear_bradley_terry
-
         self.fit = fit_linear_bradley_terry
         self.chosen, self.rejected = cache["chosen"].astype(np.float64), cache["rejected"].astype(np.float64)
         self.n = int(cache["n_train"])

