@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from firm import experiments as ex
+from firm.cli import experiments as cli
 from firm.config import ALGORITHMS, build_config
 from firm.rundir import RunDir
 
@@ -23,7 +24,7 @@ TINY_TRAIN_FLAGS = ["--rewards", "relevance,civility", "--num-clients", "2", "--
 
 def harness_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="firm")
-    ex.add_experiment_commands(parser.add_subparsers(dest="command", required=True))
+    cli.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -138,57 +139,57 @@ def test_flags_after_double_dash_go_to_firm_train():
     args = harness_parser().parse_args(["compare", "--out", "x", "--seeds", "0", "--", "--num-rounds", "3",
                                         "--num-clients", "4"])
     assert args.train_args == ["--num-rounds", "3", "--num-clients", "4"]
-    assert args.func is ex.run_compare
-    namespace = ex.parse_train_flags(args.train_args, ex.HARNESS_FLAGS_COMPARE)
-    assert ex.expected_config(namespace, {}).num_rounds == 3
+    assert args.handler is cli.compare_command
+    train = cli.train_settings(args.train_args, ex.HARNESS_FLAGS_COMPARE)
+    assert ex.expected_config(train, {}).num_rounds == 3
 
 
 @pytest.mark.parametrize("flags, match", [(["--seed", "3"], "--seed"), (["--algorithm", "mgda"], "--algorithm"),
                                           (["--run-dir", "x"], "--run-dir"), (["--resume", "x"], "--resume")])
 def test_flags_the_harness_sets_are_refused_after_double_dash(flags, match):
     with pytest.raises(ex.ExperimentError, match=match):
-        ex.parse_train_flags(flags, ex.HARNESS_FLAGS_COMPARE)
+        cli.parse_train_flags(flags, ex.HARNESS_FLAGS_COMPARE)
 
 
 def test_pareto_owns_preference_and_beta_but_compare_passes_them_on():
     with pytest.raises(ex.ExperimentError, match="--beta"):
-        ex.parse_train_flags(["--beta", "1.0"], ex.HARNESS_FLAGS_PARETO)
-    assert ex.parse_train_flags(["--beta", "1.0"], ex.HARNESS_FLAGS_COMPARE).beta == "1.0"
+        cli.parse_train_flags(["--beta", "1.0"], ex.HARNESS_FLAGS_PARETO)
+    assert cli.parse_train_flags(["--beta", "1.0"], ex.HARNESS_FLAGS_COMPARE).beta == "1.0"
 
 
 def test_unknown_train_flags_are_an_error():
     with pytest.raises(ex.ExperimentError, match="not valid `firm train` flags"):
-        ex.parse_train_flags(["--no-such-flag", "1"], ex.HARNESS_FLAGS_COMPARE)
+        cli.parse_train_flags(["--no-such-flag", "1"], ex.HARNESS_FLAGS_COMPARE)
 
 
 def test_list_options_are_validated():
-    assert ex.parse_seeds("0, 1,2") == [0, 1, 2]
+    assert cli.parse_seeds("0, 1,2") == [0, 1, 2]
     with pytest.raises(ex.ExperimentError, match="twice"):
-        ex.parse_seeds("0,0")
+        cli.parse_seeds("0,0")
     with pytest.raises(ex.ExperimentError, match="unknown algorithms: nope"):
-        ex.parse_names("firm,nope", ALGORITHMS, "algorithms")
+        cli.parse_names("firm,nope", ALGORITHMS, "algorithms")
     with pytest.raises(ex.ExperimentError, match=">= 0"):
-        ex.parse_betas("0.01,-1")
-    assert ex.parse_preferences("", 2)[0] == (0.1, 0.9) and len(ex.parse_preferences("", 2)) == 5
-    assert ex.parse_preferences("0.2,0.8;0.8,0.2", 2) == [(0.2, 0.8), (0.8, 0.2)]
+        cli.parse_betas("0.01,-1")
+    assert cli.parse_preferences("", 2)[0] == (0.1, 0.9) and len(cli.parse_preferences("", 2)) == 5
+    assert cli.parse_preferences("0.2,0.8;0.8,0.2", 2) == [(0.2, 0.8), (0.8, 0.2)]
     with pytest.raises(ex.ExperimentError, match="0.5,0.6"):
-        ex.parse_preferences("0.5,0.6;0.2,0.8", 2)
+        cli.parse_preferences("0.5,0.6;0.2,0.8", 2)
     with pytest.raises(ex.ExperimentError, match="pass --preferences explicitly"):
-        ex.parse_preferences("", 3)
+        cli.parse_preferences("", 3)
     with pytest.raises(ex.ExperimentError, match="2 objectives"):
-        ex.parse_reference_point("0,0,0", 2)
+        cli.parse_reference_point("0,0,0", 2)
 
 
 def test_an_unknown_algorithm_stops_before_anything_runs(tmp_path: Path):
     args = harness_parser().parse_args(["compare", "--out", str(tmp_path), "--algorithms", "firm,nope"])
     with pytest.raises(ex.ExperimentError, match="nope"):
-        args.func(args)
+        args.handler(args)
     assert not (tmp_path / "runs").exists()
 
 
 def planned(tmp_path: Path, flags: list[str], **kwargs) -> ex.PlannedRun:
-    namespace = ex.parse_train_flags(flags, ex.HARNESS_FLAGS_COMPARE)
-    return ex.plan_run(namespace, tmp_path / "run", "firm", "firm", "iid", 0, **kwargs)
+    train = cli.train_settings(flags, ex.HARNESS_FLAGS_COMPARE)
+    return ex.plan_run(train, tmp_path / "run", "firm", "firm", "iid", 0, **kwargs)
 
 
 def test_run_status_reuses_finished_runs_resumes_short_ones_and_refuses_other_settings(tmp_path: Path):
@@ -224,14 +225,14 @@ def test_compare_on_finished_runs_writes_table_verdicts_and_plots(tmp_path: Path
     argv = ["compare", "--out", str(tmp_path), "--algorithms", "firm,mgda", "--partitions", "iid",
             "--seeds", "0,1,2", "--reference-point", "0,0", "--", *flags]
     args = harness_parser().parse_args(argv)
-    namespace = ex.parse_train_flags(flags, ex.HARNESS_FLAGS_COMPARE)
+    train = cli.train_settings(flags, ex.HARNESS_FLAGS_COMPARE)
     for algorithm in ("firm", "mgda"):
         for seed in (0, 1, 2):
-            run = ex.plan_run(namespace, tmp_path.resolve() / "runs" / "iid" / algorithm / f"seed-{seed}", algorithm,
+            run = ex.plan_run(train, tmp_path.resolve() / "runs" / "iid" / algorithm / f"seed-{seed}", algorithm,
                               algorithm, "iid", seed)
             drift = 0.01 * (seed + 1) if algorithm == "firm" else 0.3 + 0.01 * seed  # firm: 0.02 +- 0.01
             write_fake_run(run.run_dir, run.config, fake_rounds((0.5 + 0.01 * seed, 0.5), 0.5, drift))
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     assert "done already" in capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["reference_point"] == {"relevance": 0.0, "civility": 0.0}
@@ -254,9 +255,9 @@ def test_pareto_on_finished_runs_reports_fronts_rank_order_and_hypervolume(tmp_p
     argv = ["pareto", "--out", str(tmp_path), "--seeds", "0,1", "--betas", "0.01", "--reference-point", "0,0",
             "--", *flags]
     args = harness_parser().parse_args(argv)
-    preferences = ex.parse_preferences("", 2)
-    namespace = ex.parse_train_flags(flags, ex.HARNESS_FLAGS_PARETO)
-    runs = ex.plan_pareto(namespace, tmp_path.resolve(), ["firm", "linear"], [0.01], preferences, "iid", [0, 1])
+    preferences = cli.parse_preferences("", 2)
+    train = cli.train_settings(flags, ex.HARNESS_FLAGS_PARETO)
+    runs = ex.plan_pareto(train, tmp_path.resolve(), ["firm", "linear"], [0.01], preferences, "iid", [0, 1])
     assert len(runs) == 2 * 5 * 2
     firm_relevance = dict(zip(preferences, [0.3, 0.1, 0.2, 0.5, 0.4]))  # rho = 0.6
     for run in runs:
@@ -266,7 +267,7 @@ def test_pareto_on_finished_runs_reports_fronts_rank_order_and_hypervolume(tmp_p
         else:
             rounds = fake_rounds((firm_relevance[run.preference], 0.5 + 0.01 * run.seed), 0.5, 0.05)
         write_fake_run(run.run_dir, run.config, rounds)
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     linear, firm = results["fronts"]["linear"], results["fronts"]["firm (beta=0.01)"]
     # staircase of (0.1,0.9) (0.3,0.7) (0.5,0.5) (0.7,0.3) (0.9,0.1): .09 + .14 + .10 + .06 + .02
@@ -284,16 +285,16 @@ def test_pareto_on_finished_runs_reports_fronts_rank_order_and_hypervolume(tmp_p
 
 
 def test_pareto_runs_only_beta_dependent_algorithms_at_every_beta():
-    assert ex.depends_on_beta("firm")
-    assert not ex.depends_on_beta("linear") and not ex.depends_on_beta("mgda")
+    assert ALGORITHMS["firm"].uses_beta
+    assert not ALGORITHMS["linear"].uses_beta and not ALGORITHMS["mgda"].uses_beta
     if "fsmgda" in ALGORITHMS:
-        assert not ex.depends_on_beta("fsmgda")
+        assert not ALGORITHMS["fsmgda"].uses_beta
 
 
 def test_dry_run_plans_without_running(tmp_path: Path, capsys):
     args = harness_parser().parse_args(["pareto", "--out", str(tmp_path), "--seeds", "0", "--betas", "0.01,1", "--dry-run",
                                         "--", "--rewards", "relevance,civility"])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     out = capsys.readouterr()
     assert out.out.count(": new") == (2 * 5 + 5)  # firm at two betas, linear once
     assert "--beta 1.0" in out.out and "--preference 0.9,0.1" in out.out
@@ -309,7 +310,7 @@ def tiny_compare(tmp_path_factory, tiny_policy_dir):
     argv = ["compare", "--out", str(out), "--partitions", "iid", "--seeds", "0", "--",
             "--policy", tiny_policy_dir, *TINY_TRAIN_FLAGS]
     args = harness_parser().parse_args(argv)
-    code = args.func(args)
+    code = args.handler(args)
     return out, argv, code, json.loads((out / "results.json").read_text())
 
 
@@ -355,7 +356,7 @@ def test_rerunning_reuses_finished_runs_and_can_score_their_final_adapters(tiny_
     logs = {p: p.read_text() for p in (out / "runs").rglob("train.log")}
     argv = [*argv[:3], "--algorithms", "firm,linear", "--eval-prompts", "2", *argv[3:]]
     args = harness_parser().parse_args(argv)
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     assert capsys.readouterr().out.count("done already") == 2
     assert {p: p.read_text() for p in logs} == logs  # no training ran
     results = json.loads((out / "results.json").read_text())
@@ -371,7 +372,7 @@ def test_a_failing_run_is_reported_with_its_log_and_exits_non_zero(tmp_path: Pat
     args = harness_parser().parse_args(["compare", "--out", str(tmp_path), "--algorithms", "linear",
                                         "--partitions", "iid", "--seeds", "0", "--",
                                         "--policy", str(tmp_path / "no-such-model"), *TINY_TRAIN_FLAGS])
-    assert args.func(args) == 1
+    assert args.handler(args) == 1
     captured = capsys.readouterr()
     failed = captured.out.split("FAILED", 1)[1]
     assert "error:" in failed and "no-such-model" in failed  # the log tail names the cause

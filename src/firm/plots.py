@@ -1,17 +1,31 @@
-"""Plots of a run, read from its metrics.jsonl (matplotlib, Agg backend, PNG)."""
+"""Plots of a run, read from its metrics.jsonl, and of an experiment (`firm compare`,
+`firm pareto`), from its runs' summaries (matplotlib, Agg backend, PNG)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from firm.rundir import RunDir  # noqa: E402
+
+if TYPE_CHECKING:
+    from firm.experiments.metrics import RunResult
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Lay the figure out, write it to ``path`` as PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def _by_type(records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -46,9 +60,7 @@ def plot_rewards(rounds: list[dict], clients: list[dict], names: list[str], path
         ax.set_ylabel("mean raw reward of sampled responses")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_lambdas(clients: list[dict], names: list[str], path: Path) -> None:
@@ -69,9 +81,7 @@ def plot_lambdas(clients: list[dict], names: list[str], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_drift(rounds: list[dict], names: list[str], path: Path) -> None:
@@ -89,9 +99,7 @@ def plot_drift(rounds: list[dict], names: list[str], path: Path) -> None:
     ax2.set_xlabel("round")
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_run(run: RunDir) -> list[Path]:
@@ -106,4 +114,104 @@ def plot_run(run: RunDir) -> list[Path]:
     plot_rewards(rounds, clients, names, paths[0])
     plot_lambdas(clients, names, paths[1])
     plot_drift(rounds, names, paths[2])
+    return paths
+
+
+# ---- experiments ----------------------------------------------------------------------------
+def mean_std_curves(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    array = np.asarray(curves, dtype=np.float64)
+    return array.mean(0), (array.std(0, ddof=1) if len(array) > 1 else np.zeros(array.shape[1]))
+
+
+def plot_band(ax, xs, curves, label: str) -> None:
+    mean, std = mean_std_curves(curves)
+    (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{label} (n={len(curves)})")
+    if len(curves) > 1:
+        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def plot_compare(results: Sequence[RunResult], partitions: Sequence[str], groups: Sequence[str],
+                 out: Path) -> list[Path]:
+    """rewards_<objective>.png (one panel per partition, one curve per algorithm, mean +- std
+    over seeds) and drift.png (spread of lambda and adapter distance per round)."""
+    names = results[0].summary["objectives"]
+    paths = []
+    panels = [(f"reward/{n}", f"rewards_{safe_name(n)}.png", f"final-round mean reward: {n}") for n in names]
+    for key, filename, title in panels:
+        fig, axes = plt.subplots(1, len(partitions), figsize=(5 * len(partitions), 3.6), squeeze=False)
+        for ax, partition in zip(axes[0], partitions):
+            for group in groups:
+                runs = [r for r in results if r.run.group == group and r.run.partition == partition]
+                if runs:
+                    plot_band(ax, runs[0].summary["rounds"], [r.summary["reward_curve"][key.split("/", 1)[1]]
+                                                                for r in runs], group)
+            ax.set_title(f"{key.split('/', 1)[1]} ({partition})")
+            ax.set_xlabel("round")
+            ax.set_ylabel("mean reward of sampled responses")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{title}; band = ± std over seeds", fontsize=9)
+        paths.append(save_figure(fig, out / filename, dpi=90))
+
+    fig, axes = plt.subplots(2, len(partitions), figsize=(5 * len(partitions), 6.4), squeeze=False)
+    for column, partition in enumerate(partitions):
+        for row, (key, ylabel) in enumerate((("drift_curve", "std of lambda across clients"),
+                                             ("adapter_distance_curve", "adapter distance from mean"))):
+            ax = axes[row][column]
+            for group in groups:
+                runs = [r for r in results if r.run.group == group and r.run.partition == partition
+                        and r.summary[key] is not None]
+                if runs:
+                    plot_band(ax, runs[0].summary["rounds"], [r.summary[key] for r in runs], group)
+            ax.set_title(f"{ylabel} ({partition})", fontsize=9)
+            ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("client disagreement drift per round; band = ± std over seeds", fontsize=9)
+    paths.append(save_figure(fig, out / "drift.png", dpi=90))
+    return paths
+
+
+def plot_pareto(points: dict[str, list[dict[str, Any]]], names: Sequence[str], out: Path) -> list[Path]:
+    """front.png: final (reward 1, reward 2) per preference, error bars = std over seeds;
+    knob.png: lambda_1 actually used (mean over rounds) against the preference p_1.
+
+    ``points`` holds, per group, one row per preference: "preference", "label" (written next to
+    the point), "reward" (a Stat per objective) and "lambda_1" (a Stat)."""
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    for group, rows in points.items():
+        xs = [r["reward"][0].mean for r in rows]
+        ys = [r["reward"][1].mean for r in rows]
+        xerr = [r["reward"][0].std or 0.0 for r in rows]
+        yerr = [r["reward"][1].std or 0.0 for r in rows]
+        container = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, lw=1, label=group)
+        for row, x, y in zip(rows, xs, ys):
+            ax.annotate(row["label"], (x, y), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points", color=container[0].get_color())
+    ax.set_xlabel(f"final reward: {names[0]}")
+    ax.set_ylabel(f"final reward: {names[1]}")
+    ax.set_title("final rewards per preference (error bars: ± std over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths = [save_figure(fig, out / "front.png", dpi=90)]
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for group, rows in points.items():
+        rows = [r for r in rows if r["lambda_1"].mean is not None]
+        if rows:
+            ax.errorbar([r["preference"][0] for r in rows], [r["lambda_1"].mean for r in rows],
+                        yerr=[r["lambda_1"].std or 0.0 for r in rows], marker="o", ms=4, capsize=2, label=group)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="lambda = p")
+    ax.set_xlabel(f"preference p[{names[0]}]")
+    ax.set_ylabel(f"lambda[{names[0]}], mean over rounds and clients")
+    ax.set_title("does the preference move the weights?", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(save_figure(fig, out / "knob.png", dpi=90))
     return paths

@@ -1,0 +1,119 @@
+"""`firm compare`: several algorithms (firm, mgda, linear, fsmgda, ...) on the same data,
+partitions and seeds. Per algorithm and partition the table reports the final reward per
+objective, the hypervolume of the final reward vector, bytes up and down per client per round,
+client disagreement drift (spread of lambda across clients, adapter distance from the average)
+and smoothness (spread of the round-to-round reward changes), and then a verdict of firm
+against each other algorithm on every metric."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from firm.config import ALGORITHMS
+from firm.experiments.execute import execute_plan
+from firm.experiments.metrics import RunResult, Stat, aggregate, compare_stats
+from firm.experiments.plan import ExperimentOptions, plan_compare, warn_seeds
+from firm.experiments.report import finish_experiment, format_stat, markdown_table
+from firm.plots import plot_compare
+
+
+def reference_algorithm(groups: Sequence[str]) -> str:
+    """FIRM's claims are about firm; without firm the first algorithm is the reference."""
+    return "firm" if "firm" in groups else groups[0]
+
+
+# Metrics of the compare table: (key, label, claim, higher is better).
+def compare_metrics(names: Sequence[str]) -> list[tuple[str, str, str, bool]]:
+    metrics = [(f"final_reward/{n}", f"final reward {n}", "4", True) for n in names]
+    metrics.append(("hypervolume", "hypervolume", "4", True))
+    metrics += [("bytes_up_per_client", "bytes up / client / round", "1", False),
+                ("bytes_down_per_client", "bytes down / client / round", "1", False),
+                ("lambda_drift", "lambda drift (std across clients)", "3", False),
+                ("adapter_distance", "adapter distance from mean", "3", False)]
+    metrics += [(f"smoothness/{n}", f"smoothness {n} (std of changes)", "2", False) for n in names]
+    return metrics
+
+
+def metric_value(summary: dict[str, Any], key: str) -> float | None:
+    head, _, tail = key.partition("/")
+    return summary[head][tail] if tail else summary[key]
+
+
+def aggregate_group(results: Sequence[RunResult], keys: Sequence[str]) -> dict[str, Stat]:
+    notes = {"smoothness": "needs >= 3 rounds"}
+    return {key: aggregate([metric_value(r.summary, key) for r in results], notes.get(key.split("/")[0], "not measured"))
+            for key in keys}
+
+
+def constant_lambda_algorithms(groups: Sequence[str]) -> list[str]:
+    """The algorithms among ``groups`` whose lambda cannot differ between clients: fixed weights
+    (linear) or one lambda the server chooses (fsmgda)."""
+    return [name for name, algorithm in ALGORITHMS.items()
+            if name in groups and (algorithm.fixed_weights or algorithm.per_objective_upload)]
+
+
+def compare_tables(results: Sequence[RunResult], partitions: Sequence[str], groups: Sequence[str]
+                   ) -> tuple[str, dict[str, Any]]:
+    names = results[0].summary["objectives"]
+    metrics = compare_metrics(names)
+    keys = [m[0] for m in metrics]
+    reference = reference_algorithm(groups)
+    text, aggregates, verdicts = [], {}, {}
+    for partition in partitions:
+        stats = {g: aggregate_group([r for r in results if r.run.group == g and r.run.partition == partition], keys)
+                 for g in groups}
+        aggregates[partition] = {g: {k: s.to_dict() for k, s in st.items()} for g, st in stats.items()}
+        header = ["algorithm", "seeds", *[m[1] for m in metrics], "wall s / run"]
+        rows = []
+        for g in groups:
+            runs = [r for r in results if r.run.group == g and r.run.partition == partition]
+            walls = [r.summary["wall_seconds"] for r in runs if r.summary.get("wall_seconds") is not None]
+            rows.append([g, str(len(runs)), *[format_stat(stats[g][k], k) for k in keys],
+                         f"{np.mean(walls):.0f}" if walls else "n/a"])
+        text.append(f"## partition: {partition}\n\n" + markdown_table(header, rows))
+        others = [g for g in groups if g != reference]
+        if others:
+            verdict_rows = []
+            verdicts[partition] = {}
+            for key, label, claim, higher in metrics:
+                row = [f"({claim}) {label}", "higher" if higher else "lower"]
+                for other in others:
+                    verdict = compare_stats(stats[reference][key], stats[other][key], higher)
+                    verdicts[partition].setdefault(other, {})[key] = verdict
+                    row.append(verdict)
+                verdict_rows.append(row)
+            text.append(f"\n### {reference} against the others ({partition})\n\n"
+                        f"'better' / 'worse': {reference}'s mean ± std interval lies entirely on the better / worse "
+                        "side of the other's; 'within spread': the intervals overlap, no claim. "
+                        "(n): the claim of the paper the row tests.\n\n"
+                        + markdown_table(["metric", "better is", *[f"{reference} vs {o}" for o in others]],
+                                         verdict_rows))
+            constant = constant_lambda_algorithms(others)
+            if constant:
+                text.append(f"\nlambda drift of {' and '.join(constant)} is 0 by construction (linear: lambda = p "
+                            "fixed; fsmgda: one lambda chosen by the server); for them the drift claim rests on the "
+                            "adapter distance.\n")
+    return "\n".join(text), {"aggregates": aggregates, "verdicts": verdicts, "reference_algorithm": reference}
+
+
+def run_compare(options: ExperimentOptions, algorithms: Sequence[str], partitions: Sequence[str]) -> int:
+    """Plan, run (or reuse) and report the runs of `firm compare`; the exit code."""
+    out = options.out
+    runs = plan_compare(options.train, out, algorithms, partitions, options.seeds)
+    warn_seeds(options.seeds)
+    failures = execute_plan(runs, options.train.flags, dry_run=options.dry_run, eval_prompts=options.eval_prompts)
+    if options.dry_run:
+        return 0
+
+    def build(results, reference):
+        groups = [a for a in algorithms if any(r.run.group == a for r in results)]
+        tables, extra = compare_tables(results, partitions, groups)
+        return tables, extra, lambda: plot_compare(results, partitions, groups, out)
+
+    return finish_experiment("compare", options, runs, failures,
+                             {"algorithms": list(algorithms), "partitions": list(partitions)}, build)
+
+
+__all__ = ["compare_metrics", "compare_tables", "constant_lambda_algorithms", "reference_algorithm", "run_compare"]

@@ -1,0 +1,140 @@
+"""Running the planned runs: `firm train` (and `firm eval` of each final adapter) in subprocesses.
+
+Why a subprocess per run: every run starts its own Flower simulation (Ray); a fresh process
+per run keeps Ray's and Flower's global state from leaking from one run into the next, and a
+crashed run cannot take the harness down. Its output goes to RUN_DIR/train.log (the
+evaluation's to RUN_DIR/eval.log).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from firm.config import EVAL_SEED
+from firm.experiments.plan import PlannedRun, eval_path, run_status
+from firm.rundir import RunDir
+
+LOG_TAIL_LINES = 15
+HARNESS_FILE = "harness.json"
+"""Written into each run directory the harness ran: the command, exit code and wall time."""
+TRAIN_LOG = "train.log"
+EVAL_LOG = "eval.log"
+
+
+@dataclass
+class Failure:
+    run: PlannedRun
+    reason: str
+    log_tail: str
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_logged(command: Sequence[str], log_path: Path) -> int:
+    """Run ``command`` with its output appended to ``log_path`` after a line naming the command
+    and the time; the exit code."""
+    with open(log_path, "a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+
+
+def train_command(run: PlannedRun, status: str, train_flags: Sequence[str]) -> list[str]:
+    base = [sys.executable, "-m", "firm.cli", "train"]
+    if status == "resume":  # a resumed run keeps its settings; only the number of rounds may change
+        return base + ["--resume", str(run.run_dir), "--num-rounds", str(run.config.num_rounds)]
+    return base + run.harness_flags() + list(train_flags)
+
+
+def eval_command(run: PlannedRun, num_prompts: int) -> list[str]:
+    """`firm eval` of the last round's adapter with the run's own prompts, rewards and sampling."""
+    config = run.config
+    return [sys.executable, "-m", "firm.cli", "eval", "--adapter", str(RunDir(run.run_dir).adapter_dir(config.num_rounds)),
+            "--policy", config.policy, "--prompts", config.prompts, "--rewards", config.rewards,
+            "--num-prompts", str(num_prompts), "--max-new-tokens", str(config.max_new_tokens),
+            "--temperature", repr(config.temperature), "--seed", str(EVAL_SEED), "--samples", "0",
+            "--json", str(eval_path(run, num_prompts))]
+
+
+def read_harness_record(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / HARNESS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def execute_run(run: PlannedRun, status: str, train_flags: Sequence[str]) -> Failure | None:
+    """Run (or continue) one training run; record the command, exit code and wall time."""
+    command = train_command(run, status, train_flags)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run.run_dir / TRAIN_LOG
+    start = time.perf_counter()
+    returncode = run_logged(command, log_path)
+    wall = time.perf_counter() - start
+    previous = read_harness_record(run.run_dir)
+    record = {"command": command, "returncode": returncode, "wall_seconds": wall,
+              "total_wall_seconds": wall + float(previous.get("total_wall_seconds", 0.0))}
+    (run.run_dir / HARNESS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    if returncode != 0:
+        return Failure(run, f"`firm train` exited with code {returncode}", log_tail(log_path))
+    done = RunDir.open(run.run_dir).completed_rounds
+    if done < run.config.num_rounds:
+        return Failure(run, f"only {done} of {run.config.num_rounds} rounds completed", log_tail(log_path))
+    return None
+
+
+def execute_eval(run: PlannedRun, num_prompts: int) -> Failure | None:
+    """Score the run's final adapter."""
+    log_path = run.run_dir / EVAL_LOG
+    returncode = run_logged(eval_command(run, num_prompts), log_path)
+    if returncode != 0 or not eval_path(run, num_prompts).exists():
+        return Failure(run, f"`firm eval` of the final adapter exited with code {returncode}", log_tail(log_path))
+    return None
+
+
+def execute_plan(runs: Sequence[PlannedRun], train_flags: Sequence[str], dry_run: bool = False,
+                 eval_prompts: int = 0) -> list[Failure]:
+    """Run every planned run in turn (and, with eval_prompts > 0, score its final adapter);
+    a failed run is reported and the others go on."""
+    statuses = [run_status(run) for run in runs]  # settings conflicts stop us before anything runs
+    failures = []
+    for index, (run, status) in enumerate(zip(runs, statuses), start=1):
+        prefix = f"[{index}/{len(runs)}] {run.describe()}"
+        if dry_run:
+            print(f"{prefix}: {status}\n    {' '.join(train_command(run, status, train_flags))}")
+            if eval_prompts:
+                print(f"    then {' '.join(eval_command(run, eval_prompts))}")
+            continue
+        if status == "done":
+            print(f"{prefix}: done already ({run.run_dir})", flush=True)
+            failure = None
+        else:
+            print(f"{prefix}: {'continuing' if status == 'resume' else 'training'} in {run.run_dir} ...", flush=True)
+            start = time.perf_counter()
+            failure = execute_run(run, status, train_flags)
+            if failure is None:
+                print(f"{prefix}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+        if failure is None and eval_prompts and not eval_path(run, eval_prompts).exists():
+            print(f"{prefix}: scoring the final adapter on {eval_prompts} prompts ...", flush=True)
+            failure = execute_eval(run, eval_prompts)
+        if failure is not None:
+            failures.append(failure)
+            print(f"{prefix}: FAILED ({failure.reason}); last lines of its log:\n" + indent(failure.log_tail),
+                  flush=True)
+    return failures
+
+
+def indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+__all__ = ["EVAL_LOG", "Failure", "HARNESS_FILE", "TRAIN_LOG", "eval_command", "execute_eval", "execute_plan",
+           "execute_run", "log_tail", "read_harness_record", "run_logged", "train_command"]

@@ -1,0 +1,240 @@
+"""What the runs of an experiment measured: each run's round records and summary, smoothness,
+hypervolume and its reference point, and the statistics over seeds.
+
+What "final reward" means: a round record's rewards are those of the responses the clients
+sampled in that round, i.e. of the global adapter the round STARTED from (the rollout comes
+before the PPO update). So by default the final reward is that of the adapter after
+num_rounds - 1 rounds. ``--eval-prompts N`` scores the adapter of the last round itself with
+`firm eval` (the same N prompts and sampling seed for every run, so the comparison is paired)
+and uses that instead; both numbers are kept in results.json.
+
+Statistics across seeds are mean and sample standard deviation (ddof = 1). A difference
+between two algorithms counts only where it exceeds the spread: the intervals mean +- std
+of the two do not overlap.
+
+The hypervolume reference point (unless ``--reference-point`` fixes one) is, per objective,
+the lowest reward that any round of any run of the experiment recorded, minus 1% of that
+objective's observed range (max - min over the same records). Every final point then
+dominates it, so each run's hypervolume is positive and the values of one experiment are
+comparable with each other; they are not comparable across experiments (fix the point for
+that).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from firm.experiments.execute import Failure, read_harness_record
+from firm.experiments.plan import ExperimentError, PlannedRun, eval_path
+from firm.rundir import STATE_FILE, RunDir
+
+REFERENCE_MARGIN_FRACTION = 0.01
+"""The default reference point sits this fraction of each objective's observed range below
+the lowest observed reward, so that no point lies on the boundary (zero volume)."""
+
+
+# ---- one run ----------------------------------------------------------------------------------
+def read_round_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The round records of a run's metrics.jsonl, in round order."""
+    rounds = sorted((r for r in RunDir(run_dir).read_metrics() if r.get("type") == "round"), key=lambda r: r["round"])
+    numbers = [r["round"] for r in rounds]
+    if not rounds:
+        raise ExperimentError(f"{run_dir}: metrics.jsonl holds no round record")
+    if len(set(numbers)) != len(numbers):
+        raise ExperimentError(f"{run_dir}: metrics.jsonl holds a round twice (rounds {numbers})")
+    return rounds
+
+
+def objective_names(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    names = [k.split("/", 1)[1] for k in rounds[0] if k.startswith("reward/")]
+    if len(names) < 2:
+        raise ExperimentError(f"round records name {len(names)} reward(s); an experiment needs at least 2")
+    return names
+
+
+def smoothness(values: Sequence[float]) -> float | None:
+    """Spread (population std) of the round-to-round changes; lower = smoother.
+
+    A run that improves by the same amount every round scores 0; one that zig-zags scores
+    high. Undefined (None) with fewer than 3 rounds, where there are fewer than 2 changes.
+    """
+    if len(values) < 3:
+        return None
+    return float(np.std(np.diff(np.asarray(values, dtype=np.float64))))
+
+
+def optional_series(rounds: Sequence[dict[str, Any]], key: str) -> list[Any] | None:
+    """The values of a metric over rounds, or None when any round lacks it (not measured)."""
+    values = [r.get(key) for r in rounds]
+    return None if any(v is None for v in values) else values
+
+
+def summarize_run(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the tables need from one run's round records.
+
+    drift: mean over rounds (and objectives) of the spread of lambda across clients;
+    adapter_distance: mean over rounds of the clients' mean distance from the average adapter.
+    """
+    names = objective_names(rounds)
+    curves = {name: [float(r[f"reward/{name}"]) for r in rounds] for name in names}
+    lambda_std = optional_series(rounds, "lambda_std")
+    lambda_mean = optional_series(rounds, "lambda_mean")
+    distance = optional_series(rounds, "adapter_distance")
+    bytes_up = optional_series(rounds, "bytes_up_per_client")
+    bytes_down = optional_series(rounds, "bytes_down_per_client")
+    return {
+        "rounds": [int(r["round"]) for r in rounds],
+        "objectives": names,
+        "final_reward": {name: curve[-1] for name, curve in curves.items()},
+        "reward_curve": curves,
+        "smoothness": {name: smoothness(curve) for name, curve in curves.items()},
+        "bytes_up_per_client": None if bytes_up is None else float(np.mean(bytes_up)),
+        "bytes_down_per_client": None if bytes_down is None else float(np.mean(bytes_down)),
+        "drift_curve": None if lambda_std is None else [float(np.mean(s)) for s in lambda_std],
+        "lambda_drift": None if lambda_std is None else float(np.mean(lambda_std)),
+        "adapter_distance_curve": None if distance is None else [float(d) for d in distance],
+        "adapter_distance": None if distance is None else float(np.mean(distance)),
+        "lambda_mean_over_rounds": None if lambda_mean is None else np.mean(lambda_mean, axis=0).tolist(),
+        "lambda_mean_final": None if lambda_mean is None else list(lambda_mean[-1]),
+    }
+
+
+# ---- hypervolume --------------------------------------------------------------------------------
+def reference_point(all_rounds: Sequence[Sequence[dict[str, Any]]], names: Sequence[str],
+                    margin_fraction: float = REFERENCE_MARGIN_FRACTION,
+                    finals: Sequence[dict[str, float]] = ()) -> list[float]:
+    """Per objective: the lowest reward any round of any run recorded (or any final reward in
+    ``finals``, e.g. evaluations), minus a margin of ``margin_fraction`` of that objective's
+    observed range (1e-6 when the range is zero)."""
+    point = []
+    for name in names:
+        values = [float(r[f"reward/{name}"]) for rounds in all_rounds for r in rounds]
+        values += [float(f[name]) for f in finals]
+        if not values:
+            raise ExperimentError("no round record to place the reference point")
+        spread = max(values) - min(values)
+        point.append(min(values) - (margin_fraction * spread if spread > 0 else 1e-6))
+    return point
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Hypervolume (maximisation) that the points dominate above the reference point (moocore).
+
+    Points that do not strictly dominate the reference in every objective add nothing.
+    """
+    import moocore
+
+    ref = np.asarray(reference, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, ref.shape[0])
+    if not np.all(np.isfinite(pts)) or not np.all(np.isfinite(ref)):
+        raise ExperimentError("hypervolume of non-finite rewards is undefined")
+    pts = pts[np.all(pts > ref, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    return float(moocore.hypervolume(pts, ref=ref, maximise=True))
+
+
+# ---- statistics over seeds ----------------------------------------------------------------------
+@dataclass
+class Stat:
+    """Mean and sample std (ddof = 1) over seeds; std is None with a single seed."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    note: str = ""  # why the value is missing, when it is
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "n": self.n, **({"note": self.note} if self.note else {})}
+
+
+def aggregate(values: Sequence[float | None], missing_note: str = "not measured") -> Stat:
+    if not values:
+        return Stat(None, None, 0, "no completed run")
+    if any(v is None for v in values):
+        return Stat(None, None, len(values), missing_note)
+    array = np.asarray(values, dtype=np.float64)
+    return Stat(float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None, len(array))
+
+
+def compare_stats(a: Stat, b: Stat, higher_is_better: bool) -> str:
+    """'better', 'worse' (a against b) or 'within spread': a difference counts only where the
+    intervals mean +- std do not overlap. Undecidable without a spread (fewer than 2 seeds)."""
+    if a.mean is None or b.mean is None:
+        return "n/a (" + (a.note or b.note) + ")"
+    if a.std is None or b.std is None:
+        return f"n/a (needs >= 2 seeds)"
+    a_low, a_high, b_low, b_high = a.mean - a.std, a.mean + a.std, b.mean - b.std, b.mean + b.std
+    if a_low > b_high:
+        return "better" if higher_is_better else "worse"
+    if a_high < b_low:
+        return "worse" if higher_is_better else "better"
+    return "within spread"
+
+
+def rank_correlation(weights: Sequence[float], rewards: Sequence[float]) -> dict[str, Any]:
+    """Spearman rank correlation of preference weights and final rewards (+1: the rewards
+    follow the order of the preferences exactly)."""
+    from scipy.stats import spearmanr
+
+    if len(weights) != len(rewards) or len(weights) < 2:
+        raise ExperimentError(f"rank correlation needs >= 2 paired values, got {len(weights)} and {len(rewards)}")
+    if len(set(weights)) < 2 or len(set(rewards)) < 2:
+        return {"rho": None, "p_value": None, "note": "constant input: no order to compare"}
+    result = spearmanr(weights, rewards)
+    return {"rho": float(result.statistic), "p_value": float(result.pvalue)}
+
+
+# ---- the runs of an experiment ------------------------------------------------------------------
+@dataclass
+class RunResult:
+    run: PlannedRun
+    rounds: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_prompts: int = 0) -> list[RunResult]:
+    """Summaries of the runs that completed all their rounds (failed runs stay out). With
+    eval_prompts > 0 the final reward is the evaluation of the last adapter."""
+    failed = {id(f.run) for f in failures}
+    results = []
+    for run in runs:
+        if id(run) in failed or not (run.run_dir / STATE_FILE).exists():
+            continue
+        if RunDir.open(run.run_dir).completed_rounds < run.config.num_rounds:
+            continue
+        rounds = [r for r in read_round_records(run.run_dir) if r["round"] <= run.config.num_rounds]
+        summary = summarize_run(rounds)
+        if eval_prompts:
+            evaluated = json.loads(eval_path(run, eval_prompts).read_text())["rewards"]
+            if sorted(evaluated) != sorted(summary["objectives"]):
+                raise ExperimentError(f"{eval_path(run, eval_prompts)} scores {sorted(evaluated)}, the run "
+                                      f"{summary['objectives']}")
+            summary["final_reward"] = {name: float(evaluated[name]) for name in summary["objectives"]}
+        summary["final_reward_source"] = (f"firm eval of round {run.config.num_rounds}'s adapter on {eval_prompts} "
+                                          "prompts" if eval_prompts else "last round record (rollouts of the "
+                                          "adapter that round started from)")
+        results.append(RunResult(run, rounds, summary))
+    names = {tuple(r.summary["objectives"]) for r in results}
+    if len(names) > 1:
+        raise ExperimentError(f"runs report different objectives: {sorted(names)}")
+    return results
+
+
+def add_hypervolumes_and_wall_times(results: Sequence[RunResult], reference: Sequence[float]) -> None:
+    """Each run's summary gains the hypervolume of its final point and the wall time the
+    harness recorded for it (None for a run the harness did not train)."""
+    for result in results:
+        final = [result.summary["final_reward"][n] for n in result.summary["objectives"]]
+        result.summary["hypervolume"] = hypervolume([final], reference)
+        result.summary["wall_seconds"] = read_harness_record(result.run.run_dir).get("total_wall_seconds")
+
+
+__all__ = ["REFERENCE_MARGIN_FRACTION", "RunResult", "Stat", "add_hypervolumes_and_wall_times", "aggregate",
+           "compare_stats", "hypervolume", "objective_names", "rank_correlation", "read_results",
+           "read_round_records", "reference_point", "smoothness", "summarize_run"]
