@@ -57,12 +57,14 @@ def train_command(run: PlannedRun, status: str, train_flags: Sequence[str]) -> l
 
 
 def eval_command(run: PlannedRun, num_prompts: int) -> list[str]:
-    """`firm eval` of the last round's adapter with the run's own prompts, rewards and sampling."""
+    """`firm eval` of the last round's adapter on the run's held-out prompts, with the run's own
+    rewards and sampling, and the same seed for every run (paired)."""
     config = run.config
     return [sys.executable, "-m", "firm.cli", "eval", "--adapter", str(RunDir(run.run_dir).adapter_dir(config.num_rounds)),
             "--policy", config.policy, "--prompts", config.prompts, "--rewards", config.rewards,
+            "--split", "eval", "--eval-fraction", repr(config.eval_fraction),
             "--num-prompts", str(num_prompts), "--max-new-tokens", str(config.max_new_tokens),
-            "--temperature", repr(config.temperature), "--seed", str(EVAL_SEED), "--samples", "0",
+            "--temperature", repr(config.temperature), "--seed", str(EVAL_SEED), "--show-samples", "0",
             "--json", str(eval_path(run, num_prompts))]
 
 
