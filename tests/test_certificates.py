@@ -41,6 +41,7 @@ def test_tls_files_form_a_valid_chain_for_loopback(tmp_path: Path) -> None:
     assert [p.name for p in (files.ca_certfile, files.server_certfile, files.server_keyfile)] == [
         "ca.crt", "server.pem", "server.key"]
     assert mode(files.server_keyfile) == 0o600 and mode(files.ca_certfile) == 0o644
+    assert mode(tmp_path / "pki") == 0o700  # a directory it creates is private
     assert sorted(p.name for p in (tmp_path / "pki").iterdir()) == ["ca.crt", "server.key", "server.pem"]  # no CA key
 
     ca = x509.load_pem_x509_certificate(files.ca_certfile.read_bytes())

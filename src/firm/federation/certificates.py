@@ -159,7 +159,7 @@ def make_tls_certificates(directory: str | os.PathLike[str], hosts: Sequence[str
         .sign(ca_key, hashes.SHA384())
     )
 
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new directory of secrets: owner only
     _write(files.ca_certfile, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(files.server_certfile, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(files.server_keyfile, server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -197,7 +197,7 @@ def make_node_key(directory: str | os.PathLike[str], name: str, overwrite: bool 
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new directory of secrets: owner only
     _write(files.private_key, private, private=True)
     _write(files.public_key, public + f" {name}\n".encode(), private=False)
     return files
