@@ -223,14 +223,34 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def processes_working_in(directory: Path) -> list[str]:
+def processes_working_in(directory: Path) -> list[psutil.Process]:
     """Live processes whose working directory is `directory`: every Flower process a test starts
     runs there (the children inherit it), so none may be left once the test has stopped them."""
     found = []
-    for proc in psutil.process_iter(["cwd", "cmdline"]):
+    for proc in psutil.process_iter(["cwd"]):
         if proc.info["cwd"] == str(directory) and still_running(proc):
-            found.append(f"{proc.pid} {' '.join((proc.info['cmdline'] or [])[:2])}")
+            found.append(proc)
     return found
+
+
+def assert_no_process_left(directory: Path, grace_s: float = 30.0) -> None:
+    """No process of the test may outlive it. Some exit on their own shortly after their parent was
+    stopped (the SuperExec watches the SuperLink's pid, Ray's raylet reaps its actors), which takes
+    seconds on a loaded machine: wait `grace_s` for them, then stop any left (they run in this test's
+    own temporary directory, so they are ours) and fail, naming them."""
+    deadline = time.monotonic() + grace_s
+    while (left := processes_working_in(directory)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    names = []
+    for proc in left:
+        try:
+            names.append(f"{proc.pid} {' '.join(proc.cmdline()[:2])}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not names, f"processes left {grace_s:.0f} s after the test stopped everything: {names}"
 
 
 def start_process(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -422,7 +442,7 @@ def test_flwr_run_on_secure_deployment(tmp_path: Path, tiny_policy_dir: Path, pr
     assert_complete_run_dir(run_dir, tiny_policy_dir, node_ids=set(node_ids))
     assert "Uvicorn running on https://127.0.0.1" in link.log.read_text(errors="replace")
     assert processes.stop() == []
-    assert processes_working_in(tmp_path) == []
+    assert_no_process_left(tmp_path)
 
 
 def test_supernode_whose_key_is_not_registered_is_refused(tmp_path: Path, processes: ProcessTracker) -> None:
@@ -447,7 +467,7 @@ def test_supernode_whose_key_is_not_registered_is_refused(tmp_path: Path, proces
     # the federation holds the one registered node, never online; the refused nodes are not in it
     assert list_supernodes(link) == {registered_id: "registered"}
     assert processes.stop() == []
-    assert processes_working_in(tmp_path) == []
+    assert_no_process_left(tmp_path)
 
 
 def test_flwr_run_on_local_simulation(tmp_path: Path, tiny_policy_dir: Path, processes: ProcessTracker) -> None:
@@ -470,4 +490,4 @@ def test_flwr_run_on_local_simulation(tmp_path: Path, tiny_policy_dir: Path, pro
     assert processes.roots, "flwr run left no local SuperLink under the temporary FLWR_HOME to stop"
     assert_complete_run_dir(run_dir, tiny_policy_dir)
     assert processes.stop() == []
-    assert processes_working_in(tmp_path) == []
+    assert_no_process_left(tmp_path)
