@@ -2,12 +2,18 @@
 
 The other tests call the apps from Python; these run the same apps the way a user does:
 
-* deployment: one ``flower-superlink`` and two ``flower-supernode`` processes on loopback
-  (``--insecure``), each SuperNode with its own ``partition-id``; then ``flwr run . <connection>``;
+* deployment, secured the way docs/deployment.md says: one ``flower-superlink`` with TLS
+  (a throw-away CA and server certificate made at test time by ``firm.federation.certificates``)
+  and SuperNode authentication (``--enable-supernode-auth``); each of two ``flower-supernode``
+  processes has its own key pair, registered with ``flwr supernode register`` before it connects,
+  and its own ``partition-id``; then ``flwr run . <connection>`` over TLS. A third SuperNode whose
+  key was never registered is refused and gets no work;
+* refusal on its own: a SuperNode with an unregistered key, and one with no key at all, are turned
+  away by the SuperLink and never appear among its nodes;
 * local simulation: ``flwr run . local`` with ``num-supernodes=2``, where ``flwr`` starts a
   managed simulation SuperLink in the background.
 
-Both train a tiny random Llama for 2 rounds and check the run directory. Everything is isolated:
+The runs train a tiny random Llama for 2 rounds and check the run directory. Everything is isolated:
 a temporary ``FLWR_HOME`` (federations, installed FABs, SuperLink state), free loopback ports, and
 ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (otherwise the SuperLink reinstalls the app's
 dependencies with uv and pulls a CUDA torch). Every process the tests start, and every process
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +37,8 @@ from typing import Iterator
 
 import psutil  # a dependency of peft
 import pytest
+
+from firm.federation.certificates import NodeKeyFiles, TlsFiles, make_node_key, make_tls_certificates
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # flwr starts `flower-superlink` / `flower-superexec` / `flwr-serverapp` by name, so the directory of
@@ -46,7 +55,8 @@ TINY_RUN_CONFIG = (
 )
 PRESET = "simple-rewards"  # rewards = relevance,civility: offline, no fitted weights needed
 STARTUP_TIMEOUT_S = 60.0
-RUN_TIMEOUT_S = 300.0  # measured here: ~45 s (simulation), ~75 s (deployment) on 2 cores under load
+REFUSAL_TIMEOUT_S = 90.0  # a refused SuperNode exits after one failed activation (~10 s here, imports included)
+RUN_TIMEOUT_S = 600.0  # measured here: ~45 s (simulation), 75-240 s (secure deployment, whole test) on 2 busy cores
 
 
 def missing_executables() -> list[str]:
@@ -130,14 +140,16 @@ def run_to_completion(connection: str, extra_args: list[str], env: dict[str, str
     return runs[0]
 
 
-def wait_for_superlink(port: int, process: subprocess.Popen, log: Path) -> None:
-    """The SuperLink serves Fleet, Control and Runtime APIs on one HTTP port with a /health route."""
+def wait_for_superlink(port: int, process: subprocess.Popen, log: Path, ca_certfile: Path | None = None) -> None:
+    """The SuperLink serves Fleet, Control and Runtime APIs on one port with a /health route
+    (HTTPS checked against our CA when `ca_certfile` is given, plain HTTP otherwise)."""
+    scheme, context = ("https", ssl.create_default_context(cafile=str(ca_certfile))) if ca_certfile else ("http", None)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"flower-superlink exited with code {process.returncode}\n{log_tails([log])}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=context) as reply:
                 if reply.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -211,14 +223,34 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-def processes_working_in(directory: Path) -> list[str]:
+def processes_working_in(directory: Path) -> list[psutil.Process]:
     """Live processes whose working directory is `directory`: every Flower process a test starts
     runs there (the children inherit it), so none may be left once the test has stopped them."""
     found = []
-    for proc in psutil.process_iter(["cwd", "cmdline"]):
+    for proc in psutil.process_iter(["cwd"]):
         if proc.info["cwd"] == str(directory) and still_running(proc):
-            found.append(f"{proc.pid} {' '.join((proc.info['cmdline'] or [])[:2])}")
+            found.append(proc)
     return found
+
+
+def assert_no_process_left(directory: Path, grace_s: float = 30.0) -> None:
+    """No process of the test may outlive it. Some exit on their own shortly after their parent was
+    stopped (the SuperExec watches the SuperLink's pid, Ray's raylet reaps its actors), which takes
+    seconds on a loaded machine: wait `grace_s` for them, then stop any left (they run in this test's
+    own temporary directory, so they are ours) and fail, naming them."""
+    deadline = time.monotonic() + grace_s
+    while (left := processes_working_in(directory)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    names = []
+    for proc in left:
+        try:
+            names.append(f"{proc.pid} {' '.join(proc.cmdline()[:2])}")
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not names, f"processes left {grace_s:.0f} s after the test stopped everything: {names}"
 
 
 def start_process(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -228,8 +260,9 @@ def start_process(command: list[str], env: dict[str, str], cwd: Path, log: Path)
                                 start_new_session=True)
 
 
-def assert_complete_run_dir(run_dir: Path, policy_dir: Path) -> None:
-    """What a finished FIRM run leaves behind: config, metrics of every round, adapters, plots."""
+def assert_complete_run_dir(run_dir: Path, policy_dir: Path, node_ids: set[int] | None = None) -> None:
+    """What a finished FIRM run leaves behind: config, metrics of every round, adapters, plots.
+    With `node_ids`, every round's client records must come from exactly those Flower nodes."""
     config = json.loads((run_dir / "config.json").read_text())
     assert config["policy"] == str(policy_dir)
     assert config["num_rounds"] == NUM_ROUNDS and config["rewards"] == "relevance,civility"
@@ -244,6 +277,8 @@ def assert_complete_run_dir(run_dir: Path, policy_dir: Path) -> None:
         # each node trained on its own shard: partition ids 0..N-1, distinct node ids
         assert sorted(r["partition-id"] for r in clients) == list(range(NUM_NODES))
         assert len({r["node_id"] for r in clients}) == NUM_NODES
+        if node_ids is not None:
+            assert {r["node_id"] for r in clients} == node_ids, f"round {round_number}: work went to other nodes"
         for record in clients:
             assert len(record["lambda_mean"]) == 2 and abs(sum(record["lambda_mean"]) - 1) < 1e-5
             assert record["reward/relevance"] is not None and record["reward/civility"] is not None
@@ -252,6 +287,103 @@ def assert_complete_run_dir(run_dir: Path, policy_dir: Path) -> None:
         assert (run_dir / "adapters" / f"round-{round_number:03d}" / "adapter_model.safetensors").is_file()
     plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert plots, f"no plots in {run_dir / 'plots'}"
+
+
+# ------------------------------------------------------------------------------------------------
+# A secure deployment: TLS + SuperNode authentication
+# ------------------------------------------------------------------------------------------------
+
+SECURE_CONNECTION = "firm-secure-deployment"
+
+
+@dataclass
+class SecureSuperLink:
+    """A running SuperLink with TLS and SuperNode authentication, and how the CLI reaches it."""
+
+    port: int
+    tls: TlsFiles
+    env: dict[str, str]  # FLWR_HOME holds the CLI connection SECURE_CONNECTION (TLS, our CA)
+    cwd: Path
+    log: Path
+
+
+def start_secure_superlink(tmp_path: Path, processes: ProcessTracker) -> SecureSuperLink:
+    """Certificates made now, then ``flower-superlink`` with TLS and ``--enable-supernode-auth``."""
+    tls = make_tls_certificates(tmp_path / "pki")  # throw-away CA + server certificate for 127.0.0.1
+    port, flwr_home, log = free_port(), tmp_path / "flwr-home", tmp_path / "superlink.log"
+    write_flower_config(flwr_home, {SECURE_CONNECTION: {
+        "address": f"127.0.0.1:{port}", "root-certificates": str(tls.ca_certfile), "insecure": False}})
+    env = flower_env(flwr_home)
+    superlink = start_process(
+        [str(SCRIPTS_DIR / "flower-superlink"),
+         "--ssl-ca-certfile", str(tls.ca_certfile), "--ssl-certfile", str(tls.server_certfile),
+         "--ssl-keyfile", str(tls.server_keyfile), "--enable-supernode-auth",
+         "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
+        env, tmp_path, log,
+    )
+    processes.add(superlink.pid)
+    wait_for_superlink(port, superlink, log, ca_certfile=tls.ca_certfile)
+    return SecureSuperLink(port, tls, env, tmp_path, log)
+
+
+def register_supernode(link: SecureSuperLink, key: NodeKeyFiles) -> int:
+    """``flwr supernode register <public key>``: the SuperLink admits this key and names its node id."""
+    reply = flwr(["supernode", "register", str(key.public_key), SECURE_CONNECTION, "--format", "json"],
+                 link.env, link.cwd)
+    answer = json.loads(reply[reply.index("{"):])
+    assert answer["success"], answer
+    return int(answer["node-id"])
+
+
+def list_supernodes(link: SecureSuperLink) -> dict[int, str]:
+    """``flwr supernode list``: node id -> status (registered / online / offline ...)."""
+    reply = flwr(["supernode", "list", SECURE_CONNECTION, "--format", "json"], link.env, link.cwd)
+    return {int(node["node-id"]): node["status"] for node in json.loads(reply[reply.index("{"):])["nodes"]}
+
+
+def start_secure_supernode(link: SecureSuperLink, name: str, partition_id: int, key: NodeKeyFiles | None,
+                           processes: ProcessTracker) -> tuple[subprocess.Popen, Path]:
+    """A SuperNode that checks the SuperLink's certificate against our CA and, given `key`, signs its
+    requests with the node's private key. Returns the process and its log."""
+    log = link.cwd / f"{name}.log"
+    command = [str(SCRIPTS_DIR / "flower-supernode"), "--root-certificates", str(link.tls.ca_certfile),
+               "--superlink", f"127.0.0.1:{link.port}", "--host", "127.0.0.1", "--port", str(free_port()),
+               "--node-config", f"partition-id={partition_id} num-partitions={NUM_NODES}"]
+    if key is not None:
+        command += ["--auth-supernode-private-key", str(key.private_key)]
+    process = start_process(command, link.env, link.cwd, log)
+    processes.add(process.pid)
+    return process, log
+
+
+def assert_refused(process: subprocess.Popen, log: Path, reason: str) -> None:
+    """The SuperNode gave up at activation: it exits non-zero and logs the SuperLink's `reason`."""
+    try:
+        process.wait(timeout=REFUSAL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{log.stem} was not refused within {REFUSAL_TIMEOUT_S:.0f} s\n{log_tails([log])}") from None
+    text = log.read_text(errors="replace")
+    assert process.returncode != 0, f"{log.stem} exited with 0\n{log_tails([log])}"
+    assert "Failed to initialize the connection to the SuperLink" in text and reason in text, log_tails([log])
+
+
+def wait_until_online(link: SecureSuperLink, node_ids: list[int], logs: list[Path]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        nodes = list_supernodes(link)
+        if all(nodes.get(node_id) == "online" for node_id in node_ids):
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"SuperNodes not online after {STARTUP_TIMEOUT_S:.0f} s: {nodes}\n{log_tails(logs)}")
+
+
+def public_key_base64_line(key: NodeKeyFiles) -> str:
+    """The first base64 line of the node's public key as the SuperLink logs it (PEM, SubjectPublicKeyInfo)."""
+    from cryptography.hazmat.primitives import serialization
+
+    public = serialization.load_ssh_public_key(key.public_key.read_bytes())
+    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem.decode().splitlines()[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,35 +416,58 @@ def processes() -> Iterator[ProcessTracker]:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_flwr_run_on_deployment_superlink_and_two_supernodes(tmp_path: Path, tiny_policy_dir: Path,
-                                                              processes: ProcessTracker) -> None:
-    flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
-    superlink_port = free_port()
-    write_flower_config(flwr_home, {"firm-deployment": {"address": f"127.0.0.1:{superlink_port}", "insecure": True}})
-    env = flower_env(flwr_home)
-    logs = [tmp_path / "superlink.log", *(tmp_path / f"supernode-{i}.log" for i in range(NUM_NODES))]
+def test_flwr_run_on_secure_deployment(tmp_path: Path, tiny_policy_dir: Path, processes: ProcessTracker) -> None:
+    """TLS + SuperNode authentication end to end: two registered SuperNodes train, an unregistered
+    one is refused and gets no work, and the FIRM run completes over TLS."""
+    run_dir, keys_dir = tmp_path / "run", tmp_path / "node-keys"
+    link = start_secure_superlink(tmp_path, processes)
+    # Each SuperNode owns a key pair; the operator registers the public halves before the nodes connect.
+    keys = [make_node_key(keys_dir, f"supernode-{i}") for i in range(NUM_NODES)]
+    node_ids = [register_supernode(link, key) for key in keys]
+    assert list_supernodes(link) == {node_id: "registered" for node_id in node_ids}
 
-    superlink = start_process(
-        [str(SCRIPTS_DIR / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-         "--host", "127.0.0.1", "--port", str(superlink_port)],
-        env, tmp_path, logs[0],
-    )
-    processes.add(superlink.pid)
-    wait_for_superlink(superlink_port, superlink, logs[0])
-    for partition_id in range(NUM_NODES):
-        supernode = start_process(
-            [str(SCRIPTS_DIR / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
-             "--host", "127.0.0.1", "--port", str(free_port()),
-             "--node-config", f"partition-id={partition_id} num-partitions={NUM_NODES}"],
-            env, tmp_path, logs[1 + partition_id],
-        )
-        processes.add(supernode.pid)
+    logs = [link.log]
+    for partition_id, key in enumerate(keys):
+        _, log = start_secure_supernode(link, f"supernode-{partition_id}", partition_id, key, processes)
+        logs.append(log)
+    intruder_key = make_node_key(keys_dir, "intruder")  # a valid key pair, never registered
+    intruder, intruder_log = start_secure_supernode(link, "intruder", 0, intruder_key, processes)
+    assert_refused(intruder, intruder_log, "Failed to activate SuperNode")
+    wait_until_online(link, node_ids, logs)
+    assert set(list_supernodes(link)) == set(node_ids), "the intruder must not be a node of the federation"
 
-    run_to_completion("firm-deployment", run_config_args(run_dir, tiny_policy_dir), env, tmp_path, logs)
+    run_to_completion(SECURE_CONNECTION, run_config_args(run_dir, tiny_policy_dir), link.env, tmp_path, logs)
 
-    assert_complete_run_dir(run_dir, tiny_policy_dir)
+    # every round's work went to the two registered nodes (the intruder has no node id at all)
+    assert_complete_run_dir(run_dir, tiny_policy_dir, node_ids=set(node_ids))
+    assert "Uvicorn running on https://127.0.0.1" in link.log.read_text(errors="replace")
     assert processes.stop() == []
-    assert processes_working_in(tmp_path) == []
+    assert_no_process_left(tmp_path)
+
+
+def test_supernode_whose_key_is_not_registered_is_refused(tmp_path: Path, processes: ProcessTracker) -> None:
+    """With ``--enable-supernode-auth`` the SuperLink admits only registered keys: a node with an
+    unregistered key is refused at activation, a node without a key cannot register itself, both
+    exit, and neither becomes a node of the federation (no node id, so no message is ever sent to it)."""
+    keys_dir = tmp_path / "node-keys"
+    link = start_secure_superlink(tmp_path, processes)
+    registered_id = register_supernode(link, make_node_key(keys_dir, "registered"))  # admitted, never started
+    unregistered_key = make_node_key(keys_dir, "unregistered")
+
+    with_key, with_key_log = start_secure_supernode(link, "unregistered", 0, unregistered_key, processes)
+    without_key, without_key_log = start_secure_supernode(link, "no-key", 1, None, processes)
+    assert_refused(with_key, with_key_log, "[code: 2004] Failed to activate SuperNode")
+    assert_refused(without_key, without_key_log, "[code: 2001] SuperNode authentication is enabled")
+
+    # the SuperLink says why, naming the refused key
+    superlink_log = link.log.read_text(errors="replace").splitlines()
+    refusals = [line for line in superlink_log if "No SuperNode found with the given public key" in line]
+    assert len(refusals) == 1 and public_key_base64_line(unregistered_key) in refusals[0], log_tails([link.log])
+    assert any("/v1/fleet/register-node" in line and "ApiError:2001" in line for line in superlink_log)
+    # the federation holds the one registered node, never online; the refused nodes are not in it
+    assert list_supernodes(link) == {registered_id: "registered"}
+    assert processes.stop() == []
+    assert_no_process_left(tmp_path)
 
 
 def test_flwr_run_on_local_simulation(tmp_path: Path, tiny_policy_dir: Path, processes: ProcessTracker) -> None:
@@ -335,4 +490,4 @@ def test_flwr_run_on_local_simulation(tmp_path: Path, tiny_policy_dir: Path, pro
     assert processes.roots, "flwr run left no local SuperLink under the temporary FLWR_HOME to stop"
     assert_complete_run_dir(run_dir, tiny_policy_dir)
     assert processes.stop() == []
-    assert processes_working_in(tmp_path) == []
+    assert_no_process_left(tmp_path)
