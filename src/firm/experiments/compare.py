@@ -24,15 +24,23 @@ def reference_algorithm(groups: Sequence[str]) -> str:
     return "firm" if "firm" in groups else groups[0]
 
 
-# Metrics of the compare table: (key, label, claim, higher is better).
+# Metrics of the compare table: (key, label, claim, higher is better). A claim of "" marks a
+# metric that explains the others (KL, length, gradient geometry): in the table, not judged.
 def compare_metrics(names: Sequence[str]) -> list[tuple[str, str, str, bool]]:
     metrics = [(f"final_reward/{n}", f"final reward {n}", "4", True) for n in names]
     metrics.append(("hypervolume", "hypervolume", "4", True))
-    metrics += [("bytes_up_per_client", "bytes up / client / round", "1", False),
+    metrics += [("final_kl", "final KL to the base", "", False),
+                ("final_response_tokens", "final response tokens", "", False),
+                ("bytes_up_per_client", "bytes up / client / round", "1", False),
                 ("bytes_down_per_client", "bytes down / client / round", "1", False),
                 ("lambda_drift", "lambda drift (std across clients)", "3", False),
+                ("step_geometry/lambda_step_spread", "lambda spread across clients per local step", "3", False),
                 ("adapter_distance", "adapter distance from mean", "3", False)]
     metrics += [(f"smoothness/{n}", f"smoothness {n} (std of changes)", "2", False) for n in names]
+    metrics += [("step_geometry/lambda_total_variation", "lambda total variation per client-round", "2", False),
+                ("step_geometry/gram_distance", "Gram distance D per step", "", False),
+                ("step_geometry/norm_ratio", "gradient norm ratio per step", "", False),
+                ("step_geometry/cosine", "gradient cosine per step", "", False)]
     return metrics
 
 
@@ -42,7 +50,7 @@ def metric_value(summary: dict[str, Any], key: str) -> float | None:
 
 
 def aggregate_group(results: Sequence[RunResult], keys: Sequence[str]) -> dict[str, Stat]:
-    notes = {"smoothness": "needs >= 3 rounds"}
+    notes = {"smoothness": "needs >= 3 rounds", "step_geometry": "no per-step records"}
     return {key: aggregate([metric_value(r.summary, key) for r in results], notes.get(key.split("/")[0], "not measured"))
             for key in keys}
 
@@ -78,6 +86,8 @@ def compare_tables(results: Sequence[RunResult], partitions: Sequence[str], grou
             verdict_rows = []
             verdicts[partition] = {}
             for key, label, claim, higher in metrics:
+                if not claim:
+                    continue
                 row = [f"({claim}) {label}", "higher" if higher else "lower"]
                 for other in others:
                     verdict = compare_stats(stats[reference][key], stats[other][key], higher)

@@ -104,6 +104,48 @@ def summarize_run(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def step_geometry(clients: Sequence[dict[str, Any]], num_objectives: int) -> dict[str, float | None]:
+    """Smoothness and drift of lambda at the level they happen: local steps (the client
+    records' per-step lists, see firm.trainer.summarize).
+
+    lambda_total_variation: per client and round, sum over consecutive local steps of
+      |lambda_t - lambda_{t-1}|_1, averaged over clients and rounds (claim 2);
+    lambda_step_spread: per round and local-step index, the std of lambda across clients,
+      averaged over objectives, steps and rounds (claim 3);
+    gram_distance, norm_ratio, cosine: means over taken steps of D = |g_i - g_j|^2 / tr G, the
+      smallest / largest gradient norm and cos(g_i, g_j): whether the weights can matter at all.
+    None where the records carry no per-step lists (runs from before they existed)."""
+    with_steps = [c for c in clients if c.get("step_lambda")]
+    if not with_steps:
+        return {key: None for key in ("lambda_total_variation", "lambda_step_spread", "gram_distance",
+                                      "norm_ratio", "cosine")}
+    tv, spreads, taken_rows = [], [], []
+    by_round: dict[int, list[np.ndarray]] = {}
+    for client in with_steps:
+        lam = np.asarray(client["step_lambda"], dtype=np.float64).reshape(-1, num_objectives)
+        taken = np.asarray(client["step_taken"], dtype=bool)
+        kept = lam[taken]
+        tv.append(float(np.abs(np.diff(kept, axis=0)).sum()) if len(kept) > 1 else 0.0)
+        by_round.setdefault(int(client["round"]), []).append(np.where(taken[:, None], lam, np.nan))
+        taken_rows.append((client, taken))
+    for per_client in by_round.values():
+        steps = min(len(x) for x in per_client)
+        if len(per_client) > 1:
+            stacked = np.stack([x[:steps] for x in per_client])  # [clients, steps, M]
+            spreads.append(float(np.nanmean(np.nanstd(stacked, axis=0))))
+    pairs = max(num_objectives * (num_objectives - 1) // 2, 1)
+
+    def taken_mean(key: str, width: int) -> float:
+        values = [np.asarray(c[key], dtype=np.float64).reshape(-1, width)[taken] for c, taken in taken_rows]
+        return float(np.mean(np.concatenate(values))) if values else float("nan")
+
+    return {"lambda_total_variation": float(np.mean(tv)),
+            "lambda_step_spread": float(np.mean(spreads)) if spreads else None,
+            "gram_distance": taken_mean("step_gram_distance", pairs),
+            "norm_ratio": taken_mean("step_norm_ratio", 1),
+            "cosine": taken_mean("step_cosine", pairs)}
+
+
 # ---- hypervolume --------------------------------------------------------------------------------
 def reference_point(all_rounds: Sequence[Sequence[dict[str, Any]]], names: Sequence[str],
                     margin_fraction: float = REFERENCE_MARGIN_FRACTION,
@@ -209,13 +251,23 @@ def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_p
         if RunDir.open(run.run_dir).completed_rounds < run.config.num_rounds:
             continue
         rounds = [r for r in read_round_records(run.run_dir) if r["round"] <= run.config.num_rounds]
+        clients = [r for r in RunDir(run.run_dir).read_metrics()
+                   if r.get("type") == "client" and r["round"] <= run.config.num_rounds]
         summary = summarize_run(rounds)
+        summary["step_geometry"] = step_geometry(clients, len(summary["objectives"]))
+        last = [c for c in clients if c["round"] == rounds[-1]["round"]]
+        summary["final_kl"] = float(rounds[-1]["kl"]) if "kl" in rounds[-1] else None
+        summary["final_response_tokens"] = (float(np.mean([c["response_tokens"] for c in last]))
+                                            if last and all("response_tokens" in c for c in last) else None)
         if eval_prompts:
-            evaluated = json.loads(eval_path(run, eval_prompts).read_text())["rewards"]
+            evaluation = json.loads(eval_path(run, eval_prompts).read_text())
+            evaluated = evaluation["rewards"]
             if sorted(evaluated) != sorted(summary["objectives"]):
                 raise ExperimentError(f"{eval_path(run, eval_prompts)} scores {sorted(evaluated)}, the run "
                                       f"{summary['objectives']}")
             summary["final_reward"] = {name: float(evaluated[name]) for name in summary["objectives"]}
+            summary["final_kl"] = float(evaluation["kl"])  # KL and length beside the reward they explain
+            summary["final_response_tokens"] = float(evaluation["response_tokens"])
         summary["final_reward_source"] = (f"firm eval of round {run.config.num_rounds}'s adapter on {eval_prompts} "
                                           "prompts" if eval_prompts else "last round record (rollouts of the "
                                           "adapter that round started from)")
@@ -237,4 +289,4 @@ def add_hypervolumes_and_wall_times(results: Sequence[RunResult], reference: Seq
 
 __all__ = ["REFERENCE_MARGIN_FRACTION", "RunResult", "Stat", "add_hypervolumes_and_wall_times", "aggregate",
            "compare_stats", "hypervolume", "objective_names", "rank_correlation", "read_results",
-           "read_round_records", "reference_point", "smoothness", "summarize_run"]
+           "read_round_records", "reference_point", "smoothness", "step_geometry", "summarize_run"]
