@@ -88,3 +88,13 @@ def test_verdict_direction_and_bad_input():
     assert verdict(1.0, (-0.5, 1.5), 0.001, 1.0, "lower")[0] == "not separable"  # the interval covers 0
     with pytest.raises(ValueError):
         verdict(1.0, (0.5, 1.5), 0.001, 1.0, "up")
+
+
+def test_round_off_differences_count_as_identical():
+    zeros_by_construction = np.array([1e-18, -2e-18, 0.0, 5e-19] * 5)  # e.g. the spread of identical clients
+    (c,) = compare_table([{"metric": "spread", "a": "x", "b": "y", "better": "lower",
+                           "values_a": zeros_by_construction, "values_b": np.zeros(20)}])
+    assert c.verdict == "equivalent" and "identical" in c.reason
+    (c,) = compare_table([{"metric": "spread", "a": "x", "b": "y", "better": "lower",
+                           "values_a": zeros_by_construction, "values_b": np.zeros(20)}], zero_tolerance=0.0)
+    assert c.verdict != "equivalent" or "identical" not in c.reason

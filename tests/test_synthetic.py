@@ -176,3 +176,16 @@ def test_command_writes_results_table_and_plots(tmp_path, capsys):
     assert "Claim 5 preference knob" in (out / "table.md").read_text()
     for name in ("lambda.png", "spread.png", "front.png", "gap.png"):
         assert (out / name).stat().st_size > 5000
+
+
+def test_configuration_compares_firm_with_each_baseline_and_calls_identical_runs_equivalent():
+    from firm.synthetic.grid import run_configuration
+
+    config = small(betas=(0.0, 1.0), preference_sweep=(0.2,), bootstrap=200, seeds=4)
+    result = run_configuration(config)
+    rows = {(c.metric, c.a, c.b): c for table in result["tables"].values() for c in table}
+    same = rows[("lambda_tv", "firm b=0", "mgda")]  # beta = 0 is MGDA: identical on every seed
+    assert same.verdict == "equivalent" and "identical" in same.reason
+    assert ("pareto_distance", "firm b=1", "fsmgda") in rows and ("knob_error", "firm b=1", "linear") in rows
+    assert ("lambda_tv", "firm b=1", "linear") not in rows  # linear's lambda is fixed: no such comparison
+    assert np.all(result["metrics"]["firm b=0"]["knob_spearman"] == 0)  # beta = 0 ignores p

@@ -134,19 +134,27 @@ def verdict(mean_diff: float, ci: tuple[float, float], p_holm: float, p_equivale
                              f"(TOST p = {p_equivalence:.2g})")
 
 
+ZERO_TOLERANCE = 1e-12
+"""Paired differences this small (absolute) are round-off: a metric that is 0 by construction for
+both algorithms (the spread of identical clients' lambda) comes out as +-1e-18, not as 0."""
+
+
 def compare_table(rows: Sequence[dict], relative_margin: float = 0.05, alpha: float = 0.05,
-                  resamples: int = 10_000, seed: int = 0) -> list[Comparison]:
+                  resamples: int = 10_000, seed: int = 0, zero_tolerance: float = ZERO_TOLERANCE
+                  ) -> list[Comparison]:
     """Paired comparisons of one table, Holm-corrected together.
 
     Each row: ``metric``, ``a`` and ``b`` (names), ``values_a`` and ``values_b`` (per seed, same
     seed order) and ``better`` ('lower' / 'higher'). The equivalence margin is
     ``relative_margin`` times the baseline's mean absolute value (the larger mean when the
-    baseline's is 0).
+    baseline's is 0). Differences all within ``zero_tolerance`` count as identical.
     """
     prepared = []
     for row in rows:
         va, vb = np.asarray(row["values_a"], float), np.asarray(row["values_b"], float)
         d = paired_differences(va, vb)
+        if np.all(np.abs(d) <= zero_tolerance):
+            d = np.zeros_like(d)
         scale = float(np.mean(np.abs(vb))) or max(float(np.mean(np.abs(va))), 0.0)
         prepared.append((row, va, vb, d, relative_margin * scale, wilcoxon_p(d)))
     adjusted = holm([item[5] for item in prepared])
@@ -163,4 +171,4 @@ def compare_table(rows: Sequence[dict], relative_margin: float = 0.05, alpha: fl
 
 
 __all__ = ["VERDICTS", "Comparison", "bootstrap_interval", "compare_table", "holm", "paired_differences",
-           "tost_p", "verdict", "wilcoxon_p"]
+           "tost_p", "verdict", "wilcoxon_p", "ZERO_TOLERANCE"]

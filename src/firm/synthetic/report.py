@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 
 from firm.synthetic.grid import CLAIMS  # noqa: E402
 
+PLOT_REGIMES = ("base", "unequal norms", "skewed clients", "paper")
+"""The grid's regimes that get plots (four sets of PNGs keep the committed outputs under 3 MB)."""
 COLOURS = {"firm b=0.01": "tab:blue", "firm b=0.1": "tab:cyan", "firm b=1": "tab:purple", "mgda": "tab:red",
            "linear": "tab:green", "fsmgda": "tab:orange"}
 
@@ -78,24 +80,24 @@ def summary_markdown(regimes: list[tuple[str, str, dict]]) -> str:
 
 
 # --- plots ---------------------------------------------------------------------------------------
-def plot_lambdas(result: dict, path: Path, seed_index: int = 0) -> None:
+def plot_lambdas(result: dict, path: Path, seed_index: int = 0, clients: int = 5) -> None:
     runs = [r for r in result["runs"].values() if np.all(np.isfinite(r.client_lambdas)) and r.algorithm != "linear"]
     if not runs:
         return
-    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.2 * len(runs)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 1.9 * len(runs)), sharex=True, squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         lam = run.client_lambdas[..., 0]  # (R, tau, S, N)
         steps = lam.shape[0] * lam.shape[1]
         series = lam.reshape(steps, lam.shape[2], lam.shape[3])[:, seed_index]
-        for c in range(series.shape[1]):
-            ax.plot(np.arange(1, steps + 1), series[:, c], lw=0.6, alpha=0.6)
+        for c in range(min(clients, series.shape[1])):
+            ax.plot(np.arange(1, steps + 1), series[:, c], lw=0.7, alpha=0.7, label=f"client {c}")
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("lambda_1")
-        ax.set_title(f"{run.label}: lambda_1 of each client at every local step (seed {result['seeds'][seed_index]})",
-                     fontsize=9)
+        ax.set_title(f"{run.label}: lambda_1 of clients 0-{min(clients, series.shape[1]) - 1} at every local "
+                     f"step (seed {result['seeds'][seed_index]})", fontsize=9)
     axes[-1, 0].set_xlabel("local step (rounds x tau)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=85)
     plt.close(fig)
 
 
@@ -166,9 +168,10 @@ def plot_gap(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_configuration(result: dict, folder: Path, title: str, plots: bool = True) -> None:
+def write_configuration(result: dict, folder: Path, title: str, plots: bool = True, json_file: bool = True) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(result_json(result), indent=1))
+    if json_file:
+        (folder / "results.json").write_text(json.dumps(result_json(result), indent=1))
     (folder / "table.md").write_text(table_markdown(result, title) + "\n")
     if plots:
         plot_lambdas(result, folder / "lambda.png")
@@ -183,10 +186,53 @@ def write_grid(regimes: list[tuple[str, str, dict]], folder: Path, wall: float, 
     header = f"Command: `{command}`; wall time {wall:.0f} s.\n\n"
     tables = []
     for name, description, result in regimes:
-        write_configuration(result, folder / _slug(name), f"{name}: {description}", plots)
+        # the per-seed numbers of every regime are in the grid's results.json
+        write_configuration(result, folder / _slug(name), f"{name}: {description}", plots and name in PLOT_REGIMES,
+                            json_file=False)
         tables.append(table_markdown(result, f"Regime {name}: {description}"))
     (folder / "table.md").write_text("# firm synthetic: every paired comparison\n\n" + header + "\n\n".join(tables))
     (folder / "summary.md").write_text("# firm synthetic: summary per claim\n\n" + header + summary_markdown(regimes))
-    (folder / "results.json").write_text(json.dumps({
-        "command": command, "wall_seconds": wall,
-        "regimes": [{"name": n, "description": d, **result_json(r)} for n, d, r in regimes]}, indent=1))
+    grid_json = {"command": command, "wall_seconds": wall,
+                 "regimes": [{"name": n, "description": d, **result_json(r)} for n, d, r in regimes]}
+    (folder / "results.json").write_text(json.dumps(grid_json, separators=(",", ":")))
+    (folder / "headline.md").write_text("# firm synthetic: the comparisons EXPERIMENTS.md shows\n\n" + header
+                                        + headline_markdown(grid_json))
+
+
+# The comparisons EXPERIMENTS.md shows per claim (every other one is in summary.md and table.md).
+HEADLINES: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("2 smoothness", "lambda_tv", [("firm b=0.01", "mgda"), ("firm b=1", "mgda")]),
+    ("2 smoothness", "objective_jitter", [("firm b=0.01", "mgda"), ("firm b=1", "mgda"), ("firm b=1", "linear"),
+                                          ("firm b=1", "fsmgda")]),
+    ("3 client drift", "lambda_spread", [("firm b=0.01", "mgda"), ("firm b=1", "mgda")]),
+    ("3 client drift", "update_cosine", [("firm b=0.01", "mgda"), ("firm b=1", "mgda"), ("firm b=1", "linear"),
+                                         ("firm b=1", "fsmgda")]),
+    ("4 trade-off / stationarity", "pareto_distance", [("firm b=0.01", "mgda"), ("firm b=1", "mgda"),
+                                                       ("firm b=1", "linear"), ("firm b=1", "fsmgda")]),
+    ("4 trade-off / stationarity", "stationarity_gap", [("firm b=0.01", "mgda"), ("firm b=1", "mgda"),
+                                                        ("firm b=1", "linear"), ("firm b=1", "fsmgda")]),
+    ("5 preference knob", "knob_error", [("firm b=0.01", "mgda"), ("firm b=1", "mgda"), ("firm b=0.01", "linear"),
+                                         ("firm b=1", "linear")]),
+]
+
+
+def headline_markdown(grid_json: dict) -> str:
+    """EXPERIMENTS.md's tables, from the grid's results.json: per claim and metric, one row per
+    regime, cells 'firm - baseline [95% CI] verdict'."""
+    lines = []
+    for claim, metric, pairs in HEADLINES:
+        better = ""
+        rows = []
+        for regime in grid_json["regimes"]:
+            found = {(c["a"], c["b"]): c for c in regime["comparisons"].get(claim, []) if c["metric"] == metric}
+            cells = []
+            for pair in pairs:
+                c = found.get(pair)
+                better = c["better"] if c else better
+                cells.append("-" if c is None else f"{_number(c['mean_diff'])} [{_number(c['ci_low'])}, "
+                                                   f"{_number(c['ci_high'])}] {c['verdict']}")
+            rows.append(f"| {regime['name']} | " + " | ".join(cells) + " |")
+        lines += [f"Claim {claim}, `{metric}` ({better} is better):", "",
+                  "| regime | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
+                  "| --- |" + " --- |" * len(pairs), *rows, ""]
+    return "\n".join(lines)
