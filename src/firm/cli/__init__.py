@@ -16,6 +16,7 @@ from typing import Sequence
 from firm.cli import eval as eval_cli
 from firm.cli import experiments as experiments_cli
 from firm.cli import reward as reward_cli
+from firm.cli import synthetic as synthetic_cli
 from firm.cli import train as train_cli
 from firm.errors import FirmError
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="firm", description="FIRM: federated in-client regularized "
                                                               "multi-objective alignment")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_cli, eval_cli, reward_cli, experiments_cli):
+    for module in (train_cli, eval_cli, reward_cli, experiments_cli, synthetic_cli):
         module.add_parser(sub)
     return parser
 
