@@ -204,21 +204,6 @@ def aggregate(values: Sequence[float | None], missing_note: str = "not measured"
     return Stat(float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None, len(array))
 
 
-def compare_stats(a: Stat, b: Stat, higher_is_better: bool) -> str:
-    """'better', 'worse' (a against b) or 'within spread': a difference counts only where the
-    intervals mean +- std do not overlap. Undecidable without a spread (fewer than 2 seeds)."""
-    if a.mean is None or b.mean is None:
-        return "n/a (" + (a.note or b.note) + ")"
-    if a.std is None or b.std is None:
-        return f"n/a (needs >= 2 seeds)"
-    a_low, a_high, b_low, b_high = a.mean - a.std, a.mean + a.std, b.mean - b.std, b.mean + b.std
-    if a_low > b_high:
-        return "better" if higher_is_better else "worse"
-    if a_high < b_low:
-        return "worse" if higher_is_better else "better"
-    return "within spread"
-
-
 def rank_correlation(weights: Sequence[float], rewards: Sequence[float]) -> dict[str, Any]:
     """Spearman rank correlation of preference weights and final rewards (+1: the rewards
     follow the order of the preferences exactly)."""
@@ -288,5 +273,5 @@ def add_hypervolumes_and_wall_times(results: Sequence[RunResult], reference: Seq
 
 
 __all__ = ["REFERENCE_MARGIN_FRACTION", "RunResult", "Stat", "add_hypervolumes_and_wall_times", "aggregate",
-           "compare_stats", "hypervolume", "objective_names", "rank_correlation", "read_results",
+           "hypervolume", "objective_names", "rank_correlation", "read_results",
            "read_round_records", "reference_point", "smoothness", "step_geometry", "summarize_run"]

@@ -8,10 +8,11 @@ import sys
 from typing import Any, Sequence
 
 from firm.experiments.execute import execute_plan
-from firm.experiments.metrics import RunResult, Stat, aggregate, compare_stats, hypervolume, rank_correlation
+from firm.experiments.metrics import RunResult, Stat, aggregate, hypervolume, rank_correlation
 from firm.experiments.plan import ExperimentError, ExperimentOptions, format_vector, plan_pareto, warn_seeds
 from firm.experiments.report import finish_experiment, format_stat, markdown_table
 from firm.plots import plot_pareto
+from firm.stats import compare_table
 
 MIN_PREFERENCES = 5
 
@@ -29,7 +30,7 @@ def pareto_tables(results: Sequence[RunResult], groups: Sequence[str], preferenc
     """The tables, the entries of results.json, and the points per group (for the plots)."""
     names = results[0].summary["objectives"]
     points: dict[str, list[dict[str, Any]]] = {}
-    point_rows, front_rows, fronts = [], [], {}
+    point_rows, fronts = [], {}
     for group in groups:
         rows = []
         for preference in preferences:
@@ -50,7 +51,8 @@ def pareto_tables(results: Sequence[RunResult], groups: Sequence[str], preferenc
                                *[format_stat(s) for s in row["reward"]], format_stat(row["lambda_1"])])
         front = pareto_front_summary(group, rows, results, names, seeds, reference)
         fronts[group] = front
-        front_rows.append(front_row(group, front, names))
+    judge_knobs(fronts)
+    front_rows = [front_row(group, front, names) for group, front in fronts.items()]
     text = ("## points (final reward per preference)\n\n"
             + markdown_table(["algorithm", "preference", "seeds", *[f"final reward {n}" for n in names],
                               f"lambda[{names[0]}] (mean over rounds)"], point_rows)
@@ -58,11 +60,12 @@ def pareto_tables(results: Sequence[RunResult], groups: Sequence[str], preferenc
             "hypervolume: of each seed's set of final points (one per preference), mean ± std over seeds. "
             "rho_m: Spearman rank correlation of the preference weight p_m and the final reward of objective m "
             "over the preferences (on the seed means; +1 = the points follow the order of the preferences). "
-            "moves beyond spread: the final reward of objective 1 at the largest p_1 exceeds the one at the "
-            "smallest p_1 by more than the spread. lambda range: how far the weights actually used moved.\n\n"
+            "knob effect: objective 1's final reward at the largest p_1 minus at the smallest, paired over seeds, "
+            "with its bootstrap 95% interval and verdict (firm.stats; Holm over the fronts). lambda range: how far "
+            "the weights actually used moved.\n\n"
             + markdown_table(["algorithm", "front hypervolume", *[f"rho_{n} (p-value)" for n in names],
                               "rho per seed (mean ± std)", "order follows preferences",
-                              f"{names[0]}: moves beyond spread", f"lambda[{names[0]}] range"], front_rows))
+                              f"{names[0]}: knob effect", f"lambda[{names[0]}] range"], front_rows))
     return text, {"fronts": fronts, "points": {g: [point_entry(r) for r in rows] for g, rows in points.items()}}, points
 
 
@@ -92,10 +95,35 @@ def pareto_front_summary(group: str, rows: Sequence[dict[str, Any]], results: Se
         "rank_correlation": dict(zip(names, correlations)),
         "rho_per_seed": aggregate(per_seed_rho, "constant rewards on a seed: no order").to_dict(),
         "order_follows_preferences": order_follows(correlations),
-        "moves_beyond_spread": (compare_stats(by_p1[-1]["reward"][0], by_p1[0]["reward"][0], higher_is_better=True)
-                                if len(by_p1) >= 2 else "n/a (one preference)"),
+        "knob_pairs": knob_pairs(group, results, names[0], by_p1[0]["preference"], by_p1[-1]["preference"])
+        if len(by_p1) >= 2 else None,
         "lambda_1_range": [min(lambdas), max(lambdas)] if lambdas else None,
     }
+
+
+def knob_pairs(group: str, results: Sequence[RunResult], name: str, lowest: tuple[float, ...],
+               highest: tuple[float, ...]) -> dict[str, Any] | None:
+    """Objective 1's final reward at the largest p_1 and at the smallest, per shared seed: the
+    paired sample the knob's effect is judged on (None with fewer than 2 shared seeds)."""
+    at = {p: {r.run.seed: r.summary["final_reward"][name] for r in results
+              if r.run.group == group and r.run.preference == p} for p in (lowest, highest)}
+    seeds = sorted(set(at[lowest]) & set(at[highest]))
+    if len(seeds) < 2:
+        return None
+    return {"metric": f"final_reward/{name} at p_1 = {highest[0]:g} minus at {lowest[0]:g}", "a": group, "b": group,
+            "values_a": [at[highest][s] for s in seeds], "values_b": [at[lowest][s] for s in seeds],
+            "better": "higher"}
+
+
+def judge_knobs(fronts: dict[str, dict[str, Any]]) -> None:
+    """Each front gains ``knob_effect``: does objective 1 gain when p_1 goes from its smallest to
+    its largest value? Paired over seeds, Holm-corrected over the fronts of the table."""
+    judged = [g for g, f in fronts.items() if f.get("knob_pairs")]
+    comparisons = compare_table([fronts[g]["knob_pairs"] for g in judged]) if judged else []
+    for group, front in fronts.items():
+        front["knob_effect"] = {"verdict": "n/a (needs >= 2 preferences and 2 shared seeds)"}
+    for group, comparison in zip(judged, comparisons):
+        fronts[group]["knob_effect"] = comparison.to_dict()
 
 
 def order_follows(correlations: Sequence[dict[str, Any]]) -> bool | None:
@@ -105,6 +133,12 @@ def order_follows(correlations: Sequence[dict[str, Any]]) -> bool | None:
     if any(rho < 1 - 1e-9 for rho in known):
         return False
     return True if known and len(known) == len(correlations) else None
+
+
+def knob_text(effect: dict[str, Any]) -> str:
+    if "mean_diff" not in effect:
+        return effect["verdict"]
+    return f"{effect['mean_diff']:+.4g} [{effect['ci_low']:+.4g}, {effect['ci_high']:+.4g}] {effect['verdict']}"
 
 
 def front_row(group: str, front: dict[str, Any], names: Sequence[str]) -> list[str]:
@@ -120,7 +154,7 @@ def front_row(group: str, front: dict[str, Any], names: Sequence[str]) -> list[s
             *[rho_text(front["rank_correlation"].get(n)) for n in names],
             format_stat(Stat(seeds_rho["mean"], seeds_rho["std"], seeds_rho["n"], seeds_rho.get("note", ""))),
             {True: "yes", False: "no", None: "n/a"}[front["order_follows_preferences"]],
-            "yes (larger)" if front["moves_beyond_spread"] == "better" else front["moves_beyond_spread"],
+            knob_text(front["knob_effect"]),
             "n/a" if lam is None else f"{lam[0]:.3f} .. {lam[1]:.3f}"]
 
 
