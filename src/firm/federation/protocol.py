@@ -7,19 +7,37 @@ Both apps import this module and nothing of each other, as in Flower's examples.
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import ConfigRecord
 
 from firm.config import ConfigError, FirmConfig, build_config
+from firm.reward_model import read_descriptor
+from firm.rewards import parse_reward_spec
 
 # The global round number (continues across --resume) that the server adds to the config.
 ROUND_KEY = "firm-round"
 # Keys Flower or the server add to the ConfigRecord beside the FirmConfig fields.
 FLOWER_CONFIG_KEYS = ("server-round", ROUND_KEY)
-# The node state that survives between rounds.
+# The node state that survives between rounds (in memory; on disk see firm.federation.client_app).
 STATE_VALUE_HEAD = "firm.value_head"
 STATE_CLIENT = "firm.client_state"
+# A deployed node's own directory for its state (node config: --node-config "state-dir=PATH").
+NODE_STATE_DIR_KEY = "state-dir"
+# Metrics every reply carries beside the per-objective rewards, as (key, kind): "scalar",
+# "objectives" (a list of M) or "pairs" (a list of M(M-1)/2). firm.trainer.summarize writes them;
+# the client app adds partition-id and kl_coef.
+REPLY_METRICS = (
+    ("kl", "scalar"), ("response_tokens", "scalar"), ("lambda_mean", "objectives"), ("lambda_last", "objectives"),
+    ("grad_cosine", "pairs"), ("policy_loss", "scalar"), ("value_loss", "scalar"), ("approx_kl", "scalar"),
+    ("clipfrac", "scalar"), ("steps", "scalar"), ("skipped_steps", "scalar"), ("num-examples", "scalar"),
+    ("partition-id", "scalar"), ("kl_coef", "scalar"),
+)
+REWARD_PREFIX = "reward/"
+# Probability vectors in a reply must sum to 1 within this.
+SIMPLEX_TOLERANCE = 1e-6
 # The run-config key that names a preset (every other key is a FirmConfig field).
 PRESET_KEY = "preset"
 
@@ -55,3 +73,118 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FirmConfig:
             if value != getattr(defaults, name):
                 overrides[name] = value
     return build_config(str(run_config.get(PRESET_KEY, "default")), overrides)
+
+
+# ---- what a client reply must look like, from the server's config alone ------------------------
+def objective_names(config: FirmConfig) -> list[str]:
+    """The objective names the clients' reward models report (metric keys ``reward/<name>``),
+    resolved on the server from the reward specs: a fitted model's name is the ``objective`` of
+    its firm_reward.json, every other kind's is its label."""
+    names = []
+    for spec in config.reward_specs():
+        parsed = parse_reward_spec(spec)
+        names.append(read_descriptor(Path(parsed.target))["objective"] if parsed.kind == "fitted" else parsed.label)
+    return names
+
+
+def max_local_steps(config: FirmConfig) -> int:
+    """Optimiser steps one local pass can take in a round (firm.trainer.ppo_epochs over a rollout
+    batch of n <= rollout_batch_size prompts: n // max(1, n // num_minibatches) minibatches)."""
+    per_epoch = max(n // max(1, n // config.num_minibatches) for n in range(1, config.rollout_batch_size + 1))
+    return config.rollouts_per_round * config.ppo_epochs * per_epoch
+
+
+def honest_step_ceiling(config: FirmConfig, num_parameters: int) -> float:
+    """The L2 norm of the largest update an honest client's pass can make: AdamW moves each
+    coordinate by about learning_rate per step (Adam's normalised step), so at most
+    learning_rate x steps x sqrt(parameters), reached only if every coordinate moves the same way
+    every step."""
+    return config.learning_rate * max_local_steps(config) * math.sqrt(num_parameters)
+
+
+# max_update_norm = 0 (auto) allows this multiple of the honest ceiling: AdamW's weight decay and
+# Adam's occasional step above learning_rate (sparse gradients) can take an honest update a little
+# past the ceiling, which honest runs reach only at their first step (measured: README/report).
+AUTO_UPDATE_BOUND_FACTOR = 2.0
+
+
+def update_bound(config: FirmConfig, num_parameters: int) -> float:
+    """The largest accepted L2 distance of a client adapter from the global adapter."""
+    if config.max_update_norm > 0:
+        return config.max_update_norm
+    return AUTO_UPDATE_BOUND_FACTOR * honest_step_ceiling(config, num_parameters)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplySchema:
+    """The metrics a client reply must carry (key -> list length, 0 for a scalar) and the bounds
+    of its counts. Built from the server's config (``reply_schema``), never from a reply."""
+
+    metrics: Mapping[str, int]
+    max_examples: int
+    max_steps: int
+    max_samples: int = 0
+
+
+def reply_schema(config: FirmConfig, objectives: list[str] | None = None) -> ReplySchema:
+    names = objective_names(config) if objectives is None else objectives
+    m = len(names)
+    lengths = {"scalar": 0, "objectives": m, "pairs": m * (m - 1) // 2}
+    metrics = {f"{REWARD_PREFIX}{name}": 0 for name in names}
+    metrics.update({key: lengths[kind] for key, kind in REPLY_METRICS})
+    passes = config.algorithm_spec().adapters_uploaded(m)  # fsmgda: one pass per objective
+    return ReplySchema(metrics=metrics, max_examples=config.rollouts_per_round * config.rollout_batch_size,
+                       max_steps=passes * max_local_steps(config), max_samples=config.sample_responses)
+
+
+def _is_count(value: Any) -> bool:
+    return not isinstance(value, (list, bool)) and float(value).is_integer()
+
+
+def check_metrics(schema: ReplySchema, metrics: Mapping[str, Any]) -> str | None:
+    """Why a reply's metrics do not fit the schema, or None if they do."""
+    missing = sorted(set(schema.metrics) - set(metrics))
+    extra = sorted(set(metrics) - set(schema.metrics))
+    if missing or extra:
+        return f"metric keys differ from the server's schema (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, length in schema.metrics.items():
+        value = metrics[key]
+        if length == 0 and isinstance(value, list):
+            return f"metric {key} must be a number, got a list of {len(value)}"
+        if length > 0 and (not isinstance(value, list) or len(value) != length):
+            got = f"a list of {len(value)}" if isinstance(value, list) else "a number"
+            return f"metric {key} must be a list of {length}, got {got}"
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(float(v)) for v in values):
+            return f"metric {key} is not finite ({value})"
+    examples = metrics["num-examples"]
+    if not _is_count(examples) or not 1 <= examples <= schema.max_examples:
+        return f"num-examples must be a whole number from 1 to {schema.max_examples}, got {examples}"
+    for key in ("steps", "skipped_steps"):
+        if not _is_count(metrics[key]) or not 0 <= metrics[key] <= schema.max_steps:
+            return f"{key} must be a whole number from 0 to {schema.max_steps}, got {metrics[key]}"
+    if not _is_count(metrics["partition-id"]) or metrics["partition-id"] < 0:
+        return f"partition-id must be a whole number >= 0, got {metrics['partition-id']}"
+    if metrics["kl_coef"] < 0:
+        return f"kl_coef must be >= 0, got {metrics['kl_coef']}"
+    for key in ("lambda_mean", "lambda_last"):
+        weights = metrics[key]
+        if min(weights) < 0 or abs(sum(weights) - 1.0) > SIMPLEX_TOLERANCE:
+            return f"metric {key} is not a probability vector ({weights})"
+    return None
+
+
+def check_samples(schema: ReplySchema, samples: Mapping[str, Any]) -> str | None:
+    """Why a reply's opt-in samples record does not fit, or None if it does."""
+    if schema.max_samples == 0:
+        return "sent samples the server did not ask for (sample_responses = 0)"
+    if set(samples) != {"prompts", "responses"}:
+        return f"samples must hold prompts and responses, got {sorted(samples)}"
+    prompts, responses = samples["prompts"], samples["responses"]
+    if not (isinstance(prompts, list) and isinstance(responses, list) and len(prompts) == len(responses)):
+        return "samples must be two lists of the same length"
+    if len(prompts) > schema.max_samples:
+        return f"sent {len(prompts)} samples, more than sample_responses ({schema.max_samples})"
+    if not all(isinstance(t, str) for t in prompts + responses):
+        return "samples must be strings"
+    return None
