@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,76 @@ def test_drop_unfinished_rounds_keeps_completed_ones(tmp_path):
     run.write_state(0)
     assert run.drop_unfinished_rounds() == 4
     assert run.read_metrics() == []
+
+
+@pytest.mark.parametrize("torn", ['{"type": "client", "round": 3, "kl"', '{"type": "client", "round": 3, "kl": \n'],
+                         ids=["no newline", "not JSON"])
+def test_a_torn_last_line_is_moved_aside_on_resume_and_the_run_continues(tmp_path, torn):
+    run = RunDir.create(tmp_path / "run", make_config(num_rounds=3))
+    whole = [{"type": "client", "round": 1, "node_id": 1}, {"type": "round", "round": 1}]
+    run.append_metrics(whole)
+    run.write_state(1)
+    with open(run.path / "metrics.jsonl", "a") as f:  # a crash in the middle of round 2's append
+        f.write('{"type": "client", "round": 2}\n' + torn)
+    with pytest.raises(RunDirError, match="not valid JSON"):
+        run.read_metrics()
+
+    assert run.drop_unfinished_rounds() == 1  # the whole round-2 line; the torn one was moved first
+
+    assert run.read_metrics() == whole
+    assert (run.path / "metrics.jsonl.torn").read_text() == torn.rstrip("\n") + "\n"
+    run.append_metrics([{"type": "round", "round": 2}])  # the run goes on
+    assert run.read_metrics() == whole + [{"type": "round", "round": 2}]
+    assert run.move_torn_tail() == b""  # a whole log is left alone
+
+
+def test_a_corrupt_line_before_the_last_is_not_taken_for_a_torn_one(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    (run.path / "metrics.jsonl").write_text('{"round": 1}\n{"round": \n{"round": 1}\n')
+    with pytest.raises(RunDirError, match=r"metrics\.jsonl:2: not valid JSON"):
+        run.drop_unfinished_rounds()
+    assert not (run.path / "metrics.jsonl.torn").exists()
+
+
+def test_records_of_failed_attempts_survive_resume(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config(num_rounds=3))
+    failed = {"type": "round-failed", "round": 2, "reason": "0 usable replies", "failed": [], "rejected": []}
+    run.append_metrics([{"type": "round", "round": 1}, {"type": "client", "round": 2}, failed])
+    run.write_state(1)
+    assert run.drop_unfinished_rounds() == 1
+    assert run.read_metrics() == [{"type": "round", "round": 1}, failed]
+
+
+def test_append_metrics_writes_every_byte_even_when_the_kernel_writes_less(tmp_path, monkeypatch):
+    import firm.rundir
+
+    run = RunDir.create(tmp_path / "run", make_config())
+    real_write = os.write
+    monkeypatch.setattr(firm.rundir.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    records = [{"type": "client", "round": 1, "kl": 0.25}, {"type": "round", "round": 1, "lambda_mean": [0.5, 0.5]}]
+    run.append_metrics(records)
+    monkeypatch.undo()
+    assert run.read_metrics() == records
+
+
+def test_config_rewrite_is_atomic(tmp_path, monkeypatch):
+    import firm.rundir
+
+    run = RunDir.create(tmp_path / "run", make_config(num_rounds=2))
+    before = (run.path / "config.json").read_bytes()
+    assert (run.path / "config.json").stat().st_mode & 0o777 == 0o644
+
+    def failing_replace(src, dst):
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(firm.rundir.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="interrupted"):
+        run.save_config(make_config(num_rounds=5))
+    monkeypatch.undo()
+    assert (run.path / "config.json").read_bytes() == before
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "state.json"]  # no temp file left
+    run.save_config(make_config(num_rounds=5))
+    assert run.config().num_rounds == 5
 
 
 # ---- adapters ---------------------------------------------------------------------------------
