@@ -202,6 +202,93 @@ def test_config_rewrite_is_atomic(tmp_path, monkeypatch):
     assert run.config().num_rounds == 5
 
 
+# ---- each client's own state: RUN_DIR/clients/<partition-id>/ ------------------------------------
+def client_trainer(seed: int, adaptive: bool = True):
+    """The parts of a FirmLocalTrainer whose state survives between rounds."""
+    from types import SimpleNamespace
+
+    from firm.models import MultiObjectiveValueHead
+    from firm.ppo import AdaptiveKLController, FixedKLController, RunningMeanStd
+
+    torch.manual_seed(seed)
+    head = MultiObjectiveValueHead(8, 2)
+    with torch.no_grad():
+        head.linear.weight.normal_()
+    stats = RunningMeanStd(2)
+    stats.update(torch.randn(5, 2, dtype=torch.float64) / 3)
+    kl = AdaptiveKLController(0.05, 6.0, 10000) if adaptive else FixedKLController(0.05)
+    kl.update(float(seed) + 0.123456789, 8)
+    return SimpleNamespace(value_head=head, reward_stats=stats, kl_controller=kl)
+
+
+def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from firm.federation.client_app import client_state_dir, restore_state, save_state
+
+    run = RunDir.create(tmp_path / "run", make_config())
+    config = run.config()
+    directory = client_state_dir(config, {"partition-id": 1, "num-partitions": 2})
+    assert directory == run.path / "clients" / "1"
+    assert client_state_dir(config, {"partition-id": 1, "state-dir": str(tmp_path / "node")}) == tmp_path / "node"
+    assert client_state_dir(FirmConfig(run_dir=str(tmp_path / "elsewhere")), {"partition-id": 1}) is None
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    saved = client_trainer(seed=3)
+    save_state(context, saved, directory, firm_round=2)
+    assert sorted(p.name for p in directory.iterdir()) == ["round-002.safetensors"]
+
+    fresh = client_trainer(seed=7)
+    restore_state(context, fresh, directory, firm_round=3)
+    assert torch.equal(fresh.value_head.linear.weight, saved.value_head.linear.weight)
+    assert torch.equal(fresh.value_head.linear.bias, saved.value_head.linear.bias)
+    assert fresh.reward_stats.state_dict() == saved.reward_stats.state_dict()
+    assert fresh.kl_controller.state_dict() == saved.kl_controller.state_dict()
+
+    # Round 2 redone after a crash starts from the state after round 1, not the one after round 2.
+    first = client_trainer(seed=1)
+    save_state(context, first, directory, firm_round=1)
+    redo = client_trainer(seed=7)
+    restore_state(context, redo, directory, firm_round=2)
+    assert redo.kl_controller.state_dict() == first.kl_controller.state_dict()
+    untouched = client_trainer(seed=7)
+    restore_state(context, untouched, directory, firm_round=1)  # nothing saved before round 1: fresh
+    assert untouched.kl_controller.state_dict() == client_trainer(seed=7).kl_controller.state_dict()
+
+    for r in (3, 4):
+        save_state(context, client_trainer(seed=r), directory, firm_round=r)
+    assert sorted(p.name for p in directory.iterdir()) == ["round-003.safetensors", "round-004.safetensors"]
+    assert len(context.state.array_records) == 0  # on disk, not in Flower's memory
+
+
+def test_client_state_in_memory_when_the_node_has_no_directory():
+    from flwr.app import Context, RecordDict
+
+    from firm.federation.client_app import restore_state, save_state
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    saved = client_trainer(seed=3, adaptive=False)
+    save_state(context, saved, None, firm_round=1)
+    fresh = client_trainer(seed=7, adaptive=False)
+    restore_state(context, fresh, None, firm_round=2)
+    assert torch.equal(fresh.value_head.linear.weight, saved.value_head.linear.weight)
+    assert fresh.reward_stats.state_dict() == saved.reward_stats.state_dict()
+    assert fresh.kl_controller.state_dict() == saved.kl_controller.state_dict()
+
+
+def test_a_corrupt_client_state_is_an_error_that_names_the_file(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from firm.federation.client_app import ClientStateError, restore_state
+
+    directory = tmp_path / "clients" / "0"
+    directory.mkdir(parents=True)
+    (directory / "round-001.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ClientStateError, match=r"round-001\.safetensors cannot be read"):
+        restore_state(context, client_trainer(seed=0), directory, firm_round=2)
+
+
 # ---- adapters ---------------------------------------------------------------------------------
 def tiny_peft_model(tiny_llama_config):
     """(peft model with a non-trivial adapter, an untouched copy of its base)."""

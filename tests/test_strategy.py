@@ -23,7 +23,8 @@ from firm.config import ConfigError, FirmConfig
 from firm.federation.protocol import (ROUND_KEY, check_metrics, honest_step_ceiling, max_local_steps, reply_schema,
                                       update_bound)
 from firm.federation.strategy import (FederationError, FirmFedAvg, FsmgdaFedAvg, RoundFailed, RoundResult,
-                                      aggregate_arrays, arrayrecord_bytes, check_reply, wait_for_nodes)
+                                      aggregate_arrays, arrayrecord_bytes, check_reply, client_error_summary,
+                                      wait_for_nodes)
 from firm.trainer import RoundStats, summarize
 
 TENSOR_SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.lora_A.weight": (4,)}
@@ -427,6 +428,17 @@ def test_client_error_and_timed_out_node_are_recorded_and_the_round_goes_on():
     assert result.round_record["failed"] == [{"node_id": 12, "reason": "client error: out of memory"},
                                              {"node_id": 14, "reason": "no reply within round_timeout (90 s)"}]
     assert result.round_record["rejected"] == [] and result.round_record["clients"] == 2
+
+
+def test_a_client_error_is_recorded_as_its_message_without_flowers_traceback():
+    flower_reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
+                     "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                     "firm.federation.client_app.ClientStateError: state.safetensors cannot be read\n\n"
+                     "Exception ClientAppException occurred. Message: state.safetensors cannot be read'>")
+    assert client_error_summary(flower_reason) == "state.safetensors cannot be read"
+    assert client_error_summary("Traceback:\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert client_error_summary("") == "no reason given"
+    assert len(client_error_summary("x" * 10_000)) == 500
 
 
 def test_fewer_usable_replies_than_min_clients_raise_round_failed_naming_nodes_and_reasons():

@@ -52,6 +52,10 @@ def initial_global_model(config: FirmConfig, run: RunDir):
 
 def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = None) -> None:
     config = run.config().validate()
+    # The clients keep their state under the run directory: send where it is now (a run
+    # directory may have been copied or moved since config.json was written), absolute since a
+    # client's working directory need not be the server's.
+    config.run_dir = str(run.path.resolve())
     run.drop_unfinished_rounds()
     done = run.completed_rounds
     remaining = config.num_rounds - done

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -48,7 +49,10 @@ from firm.federation.protocol import ROUND_KEY, ReplySchema, check_metrics, chec
 from firm.fsmgda import fsmgda_combine, pack_objectives, split_objectives
 
 # The longest a node's failure reason may be in the one-line stop message (metrics.jsonl keeps it whole).
-SHORT_REASON_CHARS = 160
+SHORT_REASON_CHARS = 240
+# The longest client error kept in the records (Flower's reasons can be whole tracebacks).
+CLIENT_ERROR_CHARS = 500
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class FederationError(RuntimeError):
@@ -153,6 +157,20 @@ def wait_for_nodes(grid: Grid, want: int, wait_s: float, sleep: Callable[[float]
         if len(nodes) >= want or remaining <= 0:
             return nodes
         sleep(min(1.0, remaining))
+
+
+def client_error_summary(reason: str) -> str:
+    """The message of a client's error without Flower's traceback and colour codes: the line
+    after Flower's last "Message: ", else the last non-empty line."""
+    text = ANSI_ESCAPE.sub("", reason or "")
+    if "Message: " in text:
+        lines = text.rsplit("Message: ", 1)[1].strip().splitlines()
+        summary = lines[0] if lines else ""
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        summary = lines[-1] if lines else ""
+    summary = summary.strip().removesuffix("'>").strip()
+    return (summary or "no reason given")[:CLIENT_ERROR_CHARS]
 
 
 def short_reasons(items: list[tuple[int, str]]) -> str:
@@ -279,7 +297,7 @@ class FirmFedAvg(FedAvg):
                 continue
             answered.add(node)
             if msg.has_error():
-                failed.append((node, f"client error: {msg.error.reason}"))
+                failed.append((node, f"client error: {client_error_summary(msg.error.reason)}"))
                 continue
             reason, norms = self.review(msg)
             if reason is None:
