@@ -258,6 +258,8 @@ def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):
     for r in (3, 4):
         save_state(context, client_trainer(seed=r), directory, firm_round=r)
     assert sorted(p.name for p in directory.iterdir()) == ["round-003.safetensors", "round-004.safetensors"]
+    save_state(context, client_trainer(seed=6), directory, firm_round=6)  # a client that missed round 5
+    assert sorted(p.name for p in directory.iterdir()) == ["round-004.safetensors", "round-006.safetensors"]
     assert len(context.state.array_records) == 0  # on disk, not in Flower's memory
 
 

@@ -5,9 +5,9 @@ runs the local FIRM update on its own prompt shard and replies with ONE adapter 
 metrics. What must survive between rounds stays on the node: the critic (value head), the
 running reward statistics and the KL controller (the optimiser starts fresh every round, so it
 has no state to keep). It lives in the node's own directory, one file per round written
-atomically after the round (``round-NNN.safetensors``; the last two are kept) and read back at
-the start of the next, so ``--resume`` continues it exactly, even after a crash in the middle
-of a round (round r always starts from the state saved after round r-1 or earlier):
+atomically after the round (``round-NNN.safetensors``; it and the one before are kept) and read
+back at the start of the next, so ``--resume`` continues it exactly, even after a crash in the
+middle of a round (round r always starts from the latest state saved before round r):
 - a node config ``state-dir=PATH`` (a deployed SuperNode: its own directory);
 - else RUN_DIR/clients/<partition-id>/ when the run directory is on this host (simulation);
 - else Flower's in-memory ``context.state`` (lost when the node restarts).
@@ -156,13 +156,13 @@ def restore_state(context: Context, trainer: FirmLocalTrainer, directory: Path |
 
 
 def save_state(context: Context, trainer: FirmLocalTrainer, directory: Path | None, firm_round: int) -> None:
-    """Write the state after ``firm_round`` atomically; keep it and the one before (a redone
-    round after a crash starts from that), remove older ones."""
+    """Write the state after ``firm_round`` atomically; keep it and the latest one before it (a
+    round redone after a crash starts from that), remove older ones."""
     if directory is not None:
         atomic_write_bytes(state_file(directory, firm_round), trainer_state(trainer, firm_round))
-        for old in saved_rounds(directory):
-            if old < firm_round - 1:
-                state_file(directory, old).unlink(missing_ok=True)
+        earlier = [r for r in saved_rounds(directory) if r < firm_round]
+        for old in earlier[:-1]:
+            state_file(directory, old).unlink(missing_ok=True)
         return
     context.state.array_records[STATE_VALUE_HEAD] = ArrayRecord(
         {name: tensor.cpu() for name, tensor in trainer.value_head.state_dict().items()})
