@@ -30,6 +30,40 @@ def finished_run(tiny_policy_dir, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def straight_run(tiny_policy_dir, tmp_path_factory):
+    """The same run as finished_run, but 3 rounds in one go."""
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    assert main(["train", "--policy", tiny_policy_dir, "--run-dir", str(run_dir), *TINY, "--num-rounds", "3"]) == 0
+    return run_dir
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close(got, expected, where: str) -> None:
+    """Equal, numbers to float tolerance (recursing into lists and dicts)."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), where
+        for key in expected:
+            assert_close(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_close(g, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert math.isclose(got, expected, rel_tol=1e-5, abs_tol=1e-7), f"{where}: {got} != {expected}"
+    else:
+        assert got == expected, f"{where}: {got!r} != {expected!r}"
+
+
+def by_round_and_partition(records: list[dict]) -> dict:
+    """Records keyed by what identifies them across runs (node ids are random per simulation)."""
+    return {(r["type"], r["round"], r.get("partition-id")): {k: v for k, v in r.items() if k != "node_id"}
+            for r in records}
+
+
 def test_simulation_writes_the_run_directory(finished_run, tiny_policy_dir):
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     clients = [r for r in records if r["type"] == "client"]
@@ -41,8 +75,10 @@ def test_simulation_writes_the_run_directory(finished_run, tiny_policy_dir):
                           "skipped_steps", "bytes_up", "bytes_down", "adapter_distance"}
         assert math.isclose(sum(c["lambda_mean"]), 1.0, abs_tol=1e-9)
         assert min(c["lambda_mean"]) >= 0
+    for c in clients:  # the honest updates of the tiny run sit below the auto bound
+        assert 0 < c["update_norm"] <= rounds[0]["update_bound"]
     for r in rounds:
-        assert len(r["lambda_std"]) == 2 and r["clients"] == 2 and r["rejected"] == []
+        assert len(r["lambda_std"]) == 2 and r["clients"] == 2 and r["rejected"] == [] and r["failed"] == []
         # LoRA r=16 on the tiny Llama (hidden 32; v_proj is 16 wide: 2 KV heads of 8), per layer:
         # q: A 16x32 + B 32x16, v: A 16x32 + B 16x16 -> 1792 floats; 2 layers; float32; and Flower
         # serialises each of the 8 tensors as .npy with a 128-byte header.
@@ -70,22 +106,75 @@ def test_round_adapters_load_with_peft(finished_run, tiny_policy_dir):
         assert torch.equal(loaded[key.replace(".weight", ".default.weight")], value)
 
 
-def test_resume_continues_after_the_last_round(finished_run, tiny_policy_dir, tmp_path):
+def test_resume_continues_exactly_as_a_run_that_never_stopped(finished_run, straight_run, tmp_path):
     import shutil
 
+    from safetensors.torch import load_file
+
     run_dir = tmp_path / "resumed"
-    shutil.copytree(finished_run, run_dir)
-    # An interrupted round 3 left a stray client record behind: resume must drop it.
+    shutil.copytree(finished_run, run_dir)  # a copy: its clients must keep their state in the copy
+    for partition in ("0", "1"):  # each client's critic, reward statistics and KL controller, after round 2
+        assert sorted(p.name for p in (run_dir / "clients" / partition).iterdir()) == [
+            "round-001.safetensors", "round-002.safetensors"]
+    # An interrupted round 3 left a stray client record and a torn line behind: resume drops the
+    # record and moves the torn line to metrics.jsonl.torn.
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"type": "client", "round": 3, "partition-id": 0}) + "\n")
+        f.write(json.dumps({"type": "client", "round": 3, "partition-id": 0}) + "\n" + '{"type": "cli')
     assert main(["train", "--resume", str(run_dir), "--num-rounds", "3"]) == 0
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    records = read_records(run_dir)
     assert [r["round"] for r in records if r["type"] == "round"] == [1, 2, 3]
     assert len([r for r in records if r["type"] == "client" and r["round"] == 3]) == 2
-    assert (run_dir / "adapters/round-003/adapter_model.safetensors").is_file()
-    # the first two rounds are untouched
+    assert (run_dir / "metrics.jsonl.torn").read_text() == '{"type": "cli\n'
+    # the first two rounds are untouched, and the original run was not written to
     assert (run_dir / "adapters/round-002/adapter_model.safetensors").read_bytes() == (
         finished_run / "adapters/round-002/adapter_model.safetensors").read_bytes()
+    assert not (finished_run / "clients/0/round-003.safetensors").exists()
+    assert (run_dir / "clients/0/round-003.safetensors").is_file()
+
+    # 2 rounds + resume for 1 = 3 rounds straight: every metric, and the final adapter.
+    resumed, straight = by_round_and_partition(records), by_round_and_partition(read_records(straight_run))
+    assert set(resumed) == set(straight)
+    for key, record in straight.items():
+        assert_close(resumed[key], record, str(key))
+    final = load_file(str(run_dir / "adapters/round-003/adapter_model.safetensors"))
+    expected = load_file(str(straight_run / "adapters/round-003/adapter_model.safetensors"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_a_round_without_enough_replies_stops_cleanly_with_the_resume_command(finished_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "broken clients"
+    shutil.copytree(finished_run, run_dir)
+    for partition in ("0", "1"):  # both clients fail at the start of round 3
+        (run_dir / "clients" / partition / "round-002.safetensors").write_bytes(b"not a state file")
+    before = snapshot(run_dir)
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(run_dir), "--num-rounds", "3"]) == 1
+
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last_two = err.rstrip("\n").splitlines()[-2:]
+    assert last_two[0].startswith("error: the run stopped after round 2 of 3: round 3: 0 usable replies, "
+                                  "fewer than min_clients (1)")
+    assert "client error: ClientStateError: client state" in last_two[0] and "round-002.safetensors" in last_two[0]
+    assert last_two[1] == f"resume with: firm train --resume '{run_dir}'"
+    after = snapshot(run_dir)
+    # nothing written before is lost: only the state, the config's round count and the log's new line differ
+    assert set(before) <= set(after)
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed == {"state.json", "config.json", "metrics.jsonl"}
+    assert after["metrics.jsonl"].startswith(before["metrics.jsonl"])
+    [failed] = [json.loads(line) for line in after["metrics.jsonl"][len(before["metrics.jsonl"]):].splitlines()]
+    assert failed["type"] == "round-failed" and failed["round"] == 3 and len(failed["failed"]) == 2
+    assert sorted(f["reason"].split("/clients/")[1].split("/")[0] for f in failed["failed"]) == ["0", "1"]
+    assert all(f["reason"].startswith("client error: ClientStateError: client state ") and
+               "round-002.safetensors cannot be read (SafetensorError" in f["reason"] for f in failed["failed"])
+    state = json.loads(after["state.json"])
+    assert state["completed_rounds"] == 2 and "0 usable replies" in state["error"]
 
 
 def test_eval_scores_an_adapter(finished_run, tiny_policy_dir, tmp_path, capsys):

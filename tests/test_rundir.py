@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,165 @@ def test_drop_unfinished_rounds_keeps_completed_ones(tmp_path):
     run.write_state(0)
     assert run.drop_unfinished_rounds() == 4
     assert run.read_metrics() == []
+
+
+@pytest.mark.parametrize("torn", ['{"type": "client", "round": 3, "kl"', '{"type": "client", "round": 3, "kl": \n'],
+                         ids=["no newline", "not JSON"])
+def test_a_torn_last_line_is_moved_aside_on_resume_and_the_run_continues(tmp_path, torn):
+    run = RunDir.create(tmp_path / "run", make_config(num_rounds=3))
+    whole = [{"type": "client", "round": 1, "node_id": 1}, {"type": "round", "round": 1}]
+    run.append_metrics(whole)
+    run.write_state(1)
+    with open(run.path / "metrics.jsonl", "a") as f:  # a crash in the middle of round 2's append
+        f.write('{"type": "client", "round": 2}\n' + torn)
+    with pytest.raises(RunDirError, match="not valid JSON"):
+        run.read_metrics()
+
+    assert run.drop_unfinished_rounds() == 1  # the whole round-2 line; the torn one was moved first
+
+    assert run.read_metrics() == whole
+    assert (run.path / "metrics.jsonl.torn").read_text() == torn.rstrip("\n") + "\n"
+    run.append_metrics([{"type": "round", "round": 2}])  # the run goes on
+    assert run.read_metrics() == whole + [{"type": "round", "round": 2}]
+    assert run.move_torn_tail() == b""  # a whole log is left alone
+
+
+def test_a_corrupt_line_before_the_last_is_not_taken_for_a_torn_one(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    (run.path / "metrics.jsonl").write_text('{"round": 1}\n{"round": \n{"round": 1}\n')
+    with pytest.raises(RunDirError, match=r"metrics\.jsonl:2: not valid JSON"):
+        run.drop_unfinished_rounds()
+    assert not (run.path / "metrics.jsonl.torn").exists()
+
+
+def test_records_of_failed_attempts_survive_resume(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config(num_rounds=3))
+    failed = {"type": "round-failed", "round": 2, "reason": "0 usable replies", "failed": [], "rejected": []}
+    run.append_metrics([{"type": "round", "round": 1}, {"type": "client", "round": 2}, failed])
+    run.write_state(1)
+    assert run.drop_unfinished_rounds() == 1
+    assert run.read_metrics() == [{"type": "round", "round": 1}, failed]
+
+
+def test_append_metrics_writes_every_byte_even_when_the_kernel_writes_less(tmp_path, monkeypatch):
+    import firm.rundir
+
+    run = RunDir.create(tmp_path / "run", make_config())
+    real_write = os.write
+    monkeypatch.setattr(firm.rundir.os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    records = [{"type": "client", "round": 1, "kl": 0.25}, {"type": "round", "round": 1, "lambda_mean": [0.5, 0.5]}]
+    run.append_metrics(records)
+    monkeypatch.undo()
+    assert run.read_metrics() == records
+
+
+def test_config_rewrite_is_atomic(tmp_path, monkeypatch):
+    import firm.rundir
+
+    run = RunDir.create(tmp_path / "run", make_config(num_rounds=2))
+    before = (run.path / "config.json").read_bytes()
+    assert (run.path / "config.json").stat().st_mode & 0o777 == 0o644
+
+    def failing_replace(src, dst):
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(firm.rundir.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="interrupted"):
+        run.save_config(make_config(num_rounds=5))
+    monkeypatch.undo()
+    assert (run.path / "config.json").read_bytes() == before
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.json", "state.json"]  # no temp file left
+    run.save_config(make_config(num_rounds=5))
+    assert run.config().num_rounds == 5
+
+
+# ---- each client's own state: RUN_DIR/clients/<partition-id>/ ------------------------------------
+def client_trainer(seed: int, adaptive: bool = True):
+    """The parts of a FirmLocalTrainer whose state survives between rounds."""
+    from types import SimpleNamespace
+
+    from firm.models import MultiObjectiveValueHead
+    from firm.ppo import AdaptiveKLController, FixedKLController, RunningMeanStd
+
+    torch.manual_seed(seed)
+    head = MultiObjectiveValueHead(8, 2)
+    with torch.no_grad():
+        head.linear.weight.normal_()
+    stats = RunningMeanStd(2)
+    stats.update(torch.randn(5, 2, dtype=torch.float64) / 3)
+    kl = AdaptiveKLController(0.05, 6.0, 10000) if adaptive else FixedKLController(0.05)
+    kl.update(float(seed) + 0.123456789, 8)
+    return SimpleNamespace(value_head=head, reward_stats=stats, kl_controller=kl)
+
+
+def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from firm.federation.client_app import client_state_dir, restore_state, save_state
+
+    run = RunDir.create(tmp_path / "run", make_config())
+    config = run.config()
+    directory = client_state_dir(config, {"partition-id": 1, "num-partitions": 2})
+    assert directory == run.path / "clients" / "1"
+    assert client_state_dir(config, {"partition-id": 1, "state-dir": str(tmp_path / "node")}) == tmp_path / "node"
+    assert client_state_dir(FirmConfig(run_dir=str(tmp_path / "elsewhere")), {"partition-id": 1}) is None
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    saved = client_trainer(seed=3)
+    save_state(context, saved, directory, firm_round=2)
+    assert sorted(p.name for p in directory.iterdir()) == ["round-002.safetensors"]
+
+    fresh = client_trainer(seed=7)
+    restore_state(context, fresh, directory, firm_round=3)
+    assert torch.equal(fresh.value_head.linear.weight, saved.value_head.linear.weight)
+    assert torch.equal(fresh.value_head.linear.bias, saved.value_head.linear.bias)
+    assert fresh.reward_stats.state_dict() == saved.reward_stats.state_dict()
+    assert fresh.kl_controller.state_dict() == saved.kl_controller.state_dict()
+
+    # Round 2 redone after a crash starts from the state after round 1, not the one after round 2.
+    first = client_trainer(seed=1)
+    save_state(context, first, directory, firm_round=1)
+    redo = client_trainer(seed=7)
+    restore_state(context, redo, directory, firm_round=2)
+    assert redo.kl_controller.state_dict() == first.kl_controller.state_dict()
+    untouched = client_trainer(seed=7)
+    restore_state(context, untouched, directory, firm_round=1)  # nothing saved before round 1: fresh
+    assert untouched.kl_controller.state_dict() == client_trainer(seed=7).kl_controller.state_dict()
+
+    for r in (3, 4):
+        save_state(context, client_trainer(seed=r), directory, firm_round=r)
+    assert sorted(p.name for p in directory.iterdir()) == ["round-003.safetensors", "round-004.safetensors"]
+    save_state(context, client_trainer(seed=6), directory, firm_round=6)  # a client that missed round 5
+    assert sorted(p.name for p in directory.iterdir()) == ["round-004.safetensors", "round-006.safetensors"]
+    assert len(context.state.array_records) == 0  # on disk, not in Flower's memory
+
+
+def test_client_state_in_memory_when_the_node_has_no_directory():
+    from flwr.app import Context, RecordDict
+
+    from firm.federation.client_app import restore_state, save_state
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    saved = client_trainer(seed=3, adaptive=False)
+    save_state(context, saved, None, firm_round=1)
+    fresh = client_trainer(seed=7, adaptive=False)
+    restore_state(context, fresh, None, firm_round=2)
+    assert torch.equal(fresh.value_head.linear.weight, saved.value_head.linear.weight)
+    assert fresh.reward_stats.state_dict() == saved.reward_stats.state_dict()
+    assert fresh.kl_controller.state_dict() == saved.kl_controller.state_dict()
+
+
+def test_a_corrupt_client_state_is_an_error_that_names_the_file(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from firm.federation.client_app import ClientStateError, restore_state
+
+    directory = tmp_path / "clients" / "0"
+    directory.mkdir(parents=True)
+    (directory / "round-001.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(ClientStateError, match=r"round-001\.safetensors cannot be read"):
+        restore_state(context, client_trainer(seed=0), directory, firm_round=2)
 
 
 # ---- adapters ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""FirmFedAvg on hand-made client replies.
+"""FirmFedAvg on hand-made client replies: equal-weight robust aggregation, the reply schema
+from the server's config, rejected and failed replies, and the attack replies of issue 13.
 
 The replies are real ``flwr.app.Message`` objects: an instruction message is built the way
 FedAvg builds it (which needs the process's TaskIdentity, set here as the ServerApp runtime
@@ -15,13 +16,21 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from firm.federation.protocol import ROUND_KEY
-from firm.federation.strategy import FederationError, FirmFedAvg, FsmgdaFedAvg, RoundResult, arrayrecord_bytes
+from firm.config import ConfigError, FirmConfig
+from firm.federation.protocol import (ROUND_KEY, check_metrics, honest_step_ceiling, max_local_steps, reply_schema,
+                                      update_bound)
+from firm.federation.strategy import (FederationError, FirmFedAvg, FsmgdaFedAvg, RoundFailed, RoundResult,
+                                      aggregate_arrays, arrayrecord_bytes, check_reply, client_error_summary,
+                                      wait_for_nodes)
+from firm.trainer import RoundStats, summarize
 
 TENSOR_SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.lora_A.weight": (4,)}
+# The tests' federation: 3 clients, rollout batches of 8 (so num-examples is at most 8), the
+# default embedded rewards (objectives helpful and harmless), updates accepted up to L2 1.0.
+BASE = dict(num_clients=3, rollout_batch_size=8, rollouts_per_round=1, max_update_norm=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +42,7 @@ def server_task_identity(monkeypatch):
 
 
 class FakeGrid:
-    """The part of flwr's Grid that FedAvg.configure_train uses."""
+    """The part of flwr's Grid that configure_train uses."""
 
     def __init__(self, node_ids: list[int]):
         self.node_ids = node_ids
@@ -42,21 +51,43 @@ class FakeGrid:
         return list(self.node_ids)
 
 
-def make_adapter(seed: int) -> dict[str, np.ndarray]:
+def make_config(**overrides) -> FirmConfig:
+    return FirmConfig(**{**BASE, **overrides}).validate()
+
+
+def random_adapter(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {k: rng.normal(size=shape).astype(np.float32) for k, shape in TENSOR_SHAPES.items()}
+    return {k: (scale * rng.normal(size=shape)).astype(np.float32) for k, shape in TENSOR_SHAPES.items()}
 
 
-def make_metrics(num_examples: int, lambda_mean: list[float], reward: float, kl: float, skipped: int = 0) -> dict:
+GLOBAL = random_adapter(9)
+
+
+def make_adapter(seed: int) -> dict[str, np.ndarray]:
+    """A client's honest upload: the global adapter plus a small local update (L2 about 0.05)."""
+    update = random_adapter(seed, scale=0.0125)
+    return {k: (GLOBAL[k] + update[k]).astype(np.float32) for k in TENSOR_SHAPES}
+
+
+def make_metrics(lambda_mean: list[float], reward: float, kl: float, num_examples: int = 8, skipped: int = 0) -> dict:
+    """Every metric key an honest client sends (firm.trainer.summarize + the client app's two)."""
     return {
         "reward/helpful": reward,
         "reward/harmless": -reward,
         "kl": kl,
+        "response_tokens": 4.0,
         "lambda_mean": lambda_mean,
         "lambda_last": lambda_mean,
+        "grad_cosine": [0.1],
+        "policy_loss": 0.0,
+        "value_loss": 0.5,
+        "approx_kl": 0.01,
+        "clipfrac": 0.0,
+        "steps": 4 - skipped,
         "skipped_steps": skipped,
         "num-examples": num_examples,
         "partition-id": 0,
+        "kl_coef": 0.05,
     }
 
 
@@ -64,10 +95,11 @@ def instruction(node_id: int) -> Message:
     return Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
 
 
-def reply(node_id: int, adapter: dict[str, np.ndarray], metrics: dict) -> Message:
+def reply(node_id: int, adapter: dict[str, np.ndarray], metrics: dict, **config_records) -> Message:
     content = RecordDict({
-        "arrays": ArrayRecord({k: torch.from_numpy(v.copy()) for k, v in adapter.items()}),
+        "arrays": ArrayRecord({k: torch.from_numpy(np.array(v, copy=True)) for k, v in adapter.items()}),
         "metrics": MetricRecord(metrics),
+        **config_records,
     })
     return Message(content, reply_to=instruction(node_id))
 
@@ -77,22 +109,43 @@ def error_reply(node_id: int, reason: str) -> Message:
 
 
 def npy_size(array: np.ndarray) -> int:
-    """Bytes of the array as Flower serialises it (.npy: header + raw data)."""
+    """Bytes of the array as Flower serialises them (.npy: header + raw data)."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return len(buffer.getvalue())
 
 
-def make_strategy(round_offset: int = 0):
+def global_record(adapter: dict[str, np.ndarray] = GLOBAL) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(np.array(v, copy=True)) for k, v in adapter.items()})
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def make_strategy(round_offset: int = 0, nodes=(11, 12, 13), cls=FirmFedAvg, **overrides):
+    """A strategy that has sent round 1 (configure_train) to ``nodes``."""
     results: list[RoundResult] = []
-    strategy = FirmFedAvg(on_round_end=results.append, round_offset=round_offset, algorithm="firm")
+    clock = FakeClock()  # sampling waits on this clock, not the wall's
+    strategy = cls(make_config(**overrides), on_round_end=results.append, round_offset=round_offset,
+                   sleep=clock.sleep, clock=clock)
+    list(strategy.configure_train(1, global_record(), ConfigRecord(), FakeGrid(list(nodes))))
     return strategy, results
 
 
-CLIENTS = {  # node id -> (adapter seed, num-examples, lambda_mean, reward, kl)
-    11: (0, 1, [0.2, 0.8], 1.0, 0.5),
-    12: (1, 2, [0.5, 0.5], 2.0, 1.0),
-    13: (2, 5, [0.9, 0.1], 4.0, 3.0),
+CLIENTS = {  # node id -> (adapter seed, lambda_mean, reward, kl)
+    11: (0, [0.2, 0.8], 1.0, 0.5),
+    12: (1, [0.5, 0.5], 2.0, 1.0),
+    13: (2, [0.9, 0.1], 4.0, 3.0),
 }
 
 
@@ -101,157 +154,363 @@ def client_replies(nodes=tuple(CLIENTS)) -> list[Message]:
 
 
 def expected_average(nodes) -> dict[str, np.ndarray]:
-    weights = np.array([CLIENTS[n][1] for n in nodes], dtype=np.float64)
     adapters = [make_adapter(CLIENTS[n][0]) for n in nodes]
-    return {k: sum(w * a[k].astype(np.float64) for w, a in zip(weights, adapters)) / weights.sum()
-            for k in TENSOR_SHAPES}
+    return {k: np.mean([a[k].astype(np.float64) for a in adapters], axis=0) for k in TENSOR_SHAPES}
+
+
+def l2(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in b))
+
+
+def assert_adapter(arrays: ArrayRecord, expected: dict[str, np.ndarray]) -> None:
+    got = arrays.to_torch_state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == torch.float32
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-6, atol=1e-7)
 
 
 # ---- averaging and bookkeeping ----------------------------------------------------------------
-def test_average_is_the_example_weighted_mean_of_client_adapters():
+def test_average_is_the_equal_weight_mean_whatever_num_examples_says():
     strategy, results = make_strategy()
-    arrays, _ = strategy.aggregate_train(1, client_replies())
+    replies = [reply(n, make_adapter(CLIENTS[n][0]), make_metrics(*CLIENTS[n][1:], num_examples=e))
+               for n, e in zip(CLIENTS, (1, 2, 8))]
+    arrays, _ = strategy.aggregate_train(1, replies)
 
-    expected = expected_average(CLIENTS)
-    averaged = arrays.to_torch_state_dict()
-    assert set(averaged) == set(expected)
-    for key, value in expected.items():
-        np.testing.assert_allclose(averaged[key].numpy(), value, rtol=1e-6, atol=1e-7)
+    assert_adapter(arrays, expected_average(CLIENTS))
     [result] = results
     assert result.arrays is arrays
 
 
-def test_client_records_carry_distance_bytes_and_metrics():
+def test_client_records_carry_distance_update_norm_bytes_and_metrics():
     strategy, results = make_strategy()
     strategy.aggregate_train(1, client_replies())
     [result] = results
     average = expected_average(CLIENTS)
 
     assert [c["node_id"] for c in result.client_records] == list(CLIENTS)
-    distances = []
+    distances, norms = [], []
     for record in result.client_records:
-        seed, num_examples, lambda_mean, reward, kl = CLIENTS[record["node_id"]]
+        seed, lambda_mean, reward, kl = CLIENTS[record["node_id"]]
         adapter = make_adapter(seed)
-        distance = math.sqrt(sum(float(np.sum((adapter[k].astype(np.float64) - average[k]) ** 2))
-                                 for k in TENSOR_SHAPES))
-        distances.append(distance)
-        assert record["adapter_distance"] == pytest.approx(distance, rel=1e-6)
+        distances.append(l2(adapter, average))
+        norms.append(l2(adapter, GLOBAL))
+        assert record["adapter_distance"] == pytest.approx(distances[-1], abs=1e-6)  # from the float32 average
+        assert record["update_norm"] == pytest.approx(norms[-1], rel=1e-6)
         # What travels is each tensor as .npy: float32 data plus numpy's header.
         payload = sum(a.size * 4 for a in adapter.values())
         assert record["bytes_up"] == sum(npy_size(a) for a in adapter.values())
         assert payload < record["bytes_up"] <= payload + 128 * len(adapter)
         assert record["type"] == "client" and record["round"] == 1
-        assert record["num-examples"] == num_examples
         assert record["lambda_mean"] == lambda_mean
         assert record["reward/helpful"] == reward and record["kl"] == kl
 
     round_record = result.round_record
-    assert round_record["type"] == "round" and round_record["clients"] == 3 and round_record["rejected"] == []
-    assert round_record["adapter_distance"] == pytest.approx(np.mean(distances), rel=1e-6)
-    lambdas = np.array([CLIENTS[n][2] for n in CLIENTS])
+    assert round_record["type"] == "round" and round_record["clients"] == 3
+    assert round_record["rejected"] == [] and round_record["failed"] == []
+    assert round_record["aggregator"] == "fedavg" and round_record["update_bound"] == 1.0
+    assert round_record["adapter_distance"] == pytest.approx(np.mean(distances), abs=1e-6)
+    assert round_record["update_norm"] == pytest.approx(np.mean(norms), rel=1e-6)
+    lambdas = np.array([CLIENTS[n][1] for n in CLIENTS])
     assert round_record["lambda_mean"] == pytest.approx(lambdas.mean(0).tolist())
     assert round_record["lambda_std"] == pytest.approx(lambdas.std(0).tolist())
-    assert round_record["reward/helpful"] == pytest.approx(np.mean([CLIENTS[n][3] for n in CLIENTS]))
-    assert round_record["reward/harmless"] == pytest.approx(-np.mean([CLIENTS[n][3] for n in CLIENTS]))
-    assert round_record["kl"] == pytest.approx(np.mean([CLIENTS[n][4] for n in CLIENTS]))
+    assert round_record["reward/helpful"] == pytest.approx(np.mean([CLIENTS[n][2] for n in CLIENTS]))
+    assert round_record["reward/harmless"] == pytest.approx(-np.mean([CLIENTS[n][2] for n in CLIENTS]))
+    assert round_record["kl"] == pytest.approx(np.mean([CLIENTS[n][3] for n in CLIENTS]))
     assert round_record["bytes_up_per_client"] == pytest.approx(np.mean([c["bytes_up"] for c in result.client_records]))
 
 
-def test_configure_train_records_bytes_down_and_the_firm_round():
-    strategy, results = make_strategy(round_offset=4)
-    global_adapter = make_adapter(9)
-    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in global_adapter.items()})
-    assert arrayrecord_bytes(arrays) == sum(npy_size(a) for a in global_adapter.values())
+def test_configure_train_sends_to_every_connected_node_and_records_bytes_down_and_the_firm_round():
+    results: list[RoundResult] = []
+    strategy = FirmFedAvg(make_config(), on_round_end=results.append, round_offset=4)
+    arrays = global_record()
+    assert arrayrecord_bytes(arrays) == sum(npy_size(a) for a in GLOBAL.values())
 
-    config = ConfigRecord({"beta": 0.01})
-    messages = list(strategy.configure_train(2, arrays, config, FakeGrid([11, 12, 13])))
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord({"beta": 0.01}), FakeGrid([11, 12, 13])))
 
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 13]
     sent = messages[0].content["config"]
     assert sent[ROUND_KEY] == 6 and sent["server-round"] == 2 and sent["beta"] == 0.01
     strategy.aggregate_train(2, client_replies())
     [result] = results
-    expected_down = sum(npy_size(a) for a in global_adapter.values())
+    expected_down = sum(npy_size(a) for a in GLOBAL.values())
     assert all(c["bytes_down"] == expected_down for c in result.client_records)
     assert result.round_record["bytes_down_per_client"] == expected_down
+    assert result.round == 6 and all(c["round"] == 6 for c in result.client_records)
 
 
-def test_on_round_end_gets_the_round_number_shifted_by_the_offset():
-    strategy, results = make_strategy(round_offset=3)
-    strategy.aggregate_train(2, client_replies())
-    [result] = results
-    assert result.round == 5
-    assert result.round_record["round"] == 5
-    assert all(c["round"] == 5 for c in result.client_records)
+def test_configure_train_never_samples_more_nodes_than_the_federation_has_clients():
+    strategy = FirmFedAvg(make_config(num_clients=2, min_clients=2), on_round_end=lambda r: None)
+    messages = list(strategy.configure_train(1, global_record(), ConfigRecord(), FakeGrid([11, 12, 13, 14])))
+    assert len({m.metadata.dst_node_id for m in messages}) == 2
 
 
-# ---- rejected replies -------------------------------------------------------------------------
-def test_reply_with_nan_adapter_is_rejected_and_the_others_averaged():
+# ---- node sampling: a bounded wait ------------------------------------------------------------
+class GrowingGrid:
+    """Nodes that connect one per second of the fake clock."""
+
+    def __init__(self, clock: FakeClock, nodes: list[int]):
+        self.clock, self.nodes = clock, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes[: 1 + int(self.clock.now)]
+
+
+def test_wait_for_nodes_returns_when_all_connect_or_when_the_wait_is_over():
+    clock = FakeClock()
+    assert wait_for_nodes(GrowingGrid(clock, [1, 2, 3]), want=3, wait_s=60, sleep=clock.sleep, clock=clock) == [1, 2, 3]
+    assert clock.now == 2.0  # returned as soon as the third node connected
+
+    clock = FakeClock()
+    assert wait_for_nodes(FakeGrid([5, 4]), want=3, wait_s=2.5, sleep=clock.sleep, clock=clock) == [4, 5]
+    assert clock.now == 2.5 and clock.sleeps == [1.0, 1.0, 0.5]  # bounded: Flower's own wait has no limit
+
+
+def test_too_few_connected_nodes_stop_the_round_with_a_record():
+    clock = FakeClock()
+    strategy = FirmFedAvg(make_config(min_clients=2, node_wait=3), on_round_end=lambda r: None,
+                          sleep=clock.sleep, clock=clock)
+    with pytest.raises(RoundFailed, match=r"only 1 node\(s\) connected after waiting 3 s, fewer than min_clients \(2\)") as info:
+        strategy.configure_train(1, global_record(), ConfigRecord(), FakeGrid([11]))
+    assert info.value.record["type"] == "round-failed" and info.value.record["round"] == 1
+
+
+# ---- robust aggregators -----------------------------------------------------------------------
+def test_aggregators_match_flowers_median_and_trimmed_mean_rules():
+    uploads = [{"w": np.array([v, 10.0 * v], dtype=np.float32)} for v in (1.0, 2.0, 4.0, 100.0)]
+    dtypes = {"w": np.dtype(np.float32)}
+    np.testing.assert_allclose(aggregate_arrays(uploads, "fedavg", 0.25, dtypes)["w"], [26.75, 267.5])
+    np.testing.assert_allclose(aggregate_arrays(uploads, "median", 0.25, dtypes)["w"], [3.0, 30.0])
+    # 0.25 of 4 replies: one cut from each end per coordinate, the mean of the middle two
+    np.testing.assert_allclose(aggregate_arrays(uploads, "trimmed-mean", 0.25, dtypes)["w"], [3.0, 30.0])
+    assert aggregate_arrays(uploads, "median", 0.25, dtypes)["w"].dtype == np.float32
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed-mean"])
+def test_a_robust_aggregator_ignores_one_client_within_the_bound(aggregator):
+    nodes = (11, 12, 13, 14)
+    strategy, results = make_strategy(nodes=nodes, num_clients=4, aggregator=aggregator)
+    replies = client_replies() + [reply(14, {k: GLOBAL[k] + 0.2 for k in TENSOR_SHAPES}, make_metrics([0.5, 0.5], 0, 0))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert results[0].round_record["rejected"] == []  # within the bound, but it does not move the median
+    stacked = {k: np.stack([make_adapter(CLIENTS[n][0])[k] for n in CLIENTS] + [GLOBAL[k] + 0.2]) for k in GLOBAL}
+    if aggregator == "median":
+        expected = {k: np.median(v.astype(np.float64), axis=0) for k, v in stacked.items()}
+    else:
+        expected = {k: np.sort(v.astype(np.float64), axis=0)[1:3].mean(0) for k, v in stacked.items()}
+    assert_adapter(arrays, expected)
+    assert l2({k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}, GLOBAL) < 0.1
+
+
+def test_trimmed_mean_that_cuts_nothing_is_a_config_error():
+    with pytest.raises(ConfigError, match="cuts no reply of 3 clients"):
+        make_config(aggregator="trimmed-mean", trim_fraction=0.2)
+    with pytest.raises(ConfigError, match="aggregator must be one of"):
+        make_config(aggregator="krum")
+    with pytest.raises(ConfigError, match="min_clients must be between 1 and num_clients"):
+        make_config(min_clients=4)
+
+
+# ---- the attack replies of issue 13, and other malformed ones --------------------------------------
+def _scaled(adapter):
+    return {k: v * 1e6 for k, v in adapter.items()}
+
+
+def _with(**changes):
+    def mutate(metrics):
+        metrics = dict(metrics)
+        for key, value in changes.items():
+            if value is _DROP:
+                metrics.pop(key)
+            else:
+                metrics[key] = value
+        return metrics
+    return mutate
+
+
+_DROP = object()
+
+ATTACKS = [
+    # (name, node, adapter change, metric change, extra records, what the rejection reason says)
+    ("adapter x 10^6", 12, _scaled, None, {}, "exceeds the bound 1 (max_update_norm)"),
+    ("num-examples 10^9", 12, None, _with(**{"num-examples": 10**9}), {},
+     "num-examples must be a whole number from 1 to 8, got 1000000000"),
+    ("num-examples negative", 12, None, _with(**{"num-examples": -5}), {}, "num-examples must be a whole number"),
+    ("num-examples zero", 12, None, _with(**{"num-examples": 0}), {}, "num-examples must be a whole number"),
+    ("first reply with an extra metric key", 11, None, _with(evil=1.0), {},
+     "metric keys differ from the server's schema (missing [], unexpected ['evil'])"),
+    ("lambda_mean of the wrong length", 12, None, _with(lambda_mean=[0.2, 0.3, 0.5]), {},
+     "metric lambda_mean must be a list of 2, got a list of 3"),
+    ("missing kl", 13, None, _with(kl=_DROP), {}, "missing ['kl']"),
+    ("NaN adapter", 12, lambda a: {**a, "layer.lora_B.weight": np.full((3, 2), np.nan, np.float32)}, None, {},
+     "adapter tensor layer.lora_B.weight has non-finite values"),
+    ("NaN metric", 13, None, _with(kl=float("nan")), {}, "metric kl is not finite"),
+    ("lambda_mean off the simplex", 12, None, _with(lambda_mean=[2.0, -1.0]), {}, "lambda_mean is not a probability vector"),
+    ("a number where a list belongs", 12, None, _with(grad_cosine=0.1), {}, "grad_cosine must be a list of 1, got a number"),
+    ("skipped_steps 10^9", 12, None, _with(skipped_steps=10**9), {}, "skipped_steps must be a whole number from 0 to 6"),
+    ("float64 adapter", 12, lambda a: {k: v.astype(np.float64) for k, v in a.items()}, None, {},
+     "has dtype float64, expected float32"),
+    ("missing adapter tensor", 12, lambda a: {k: v for k, v in a.items() if k != "head.lora_A.weight"}, None, {},
+     "missing ['head.lora_A.weight']"),
+    ("unasked-for samples", 12, None, None, {"samples": ConfigRecord({"prompts": ["p"], "responses": ["r"]})},
+     "sent samples the server did not ask for"),
+    ("an extra config record", 12, None, None, {"notes": ConfigRecord({"x": 1})}, "unexpected config record(s) ['notes']"),
+]
+
+
+@pytest.mark.parametrize("name, node, adapter_change, metric_change, records, reason", ATTACKS,
+                         ids=[a[0] for a in ATTACKS])
+def test_attack_reply_is_rejected_with_its_reason_and_the_honest_replies_aggregated(
+        name, node, adapter_change, metric_change, records, reason):
     strategy, results = make_strategy()
-    replies = client_replies()
-    bad = make_adapter(CLIENTS[12][0])
-    bad["layer.lora_B.weight"][1, 0] = np.nan
-    replies[1] = reply(12, bad, make_metrics(*CLIENTS[12][1:]))
+    replies = []
+    for n in CLIENTS:  # the attacker's reply may come first: the schema is the server's, not the first reply's
+        adapter, metrics = make_adapter(CLIENTS[n][0]), make_metrics(*CLIENTS[n][1:])
+        if n == node:
+            adapter = adapter_change(adapter) if adapter_change else adapter
+            metrics = metric_change(metrics) if metric_change else metrics
+            replies.append(reply(n, adapter, metrics, **records))
+        else:
+            replies.append(reply(n, adapter, metrics))
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
     [result] = results
     [rejected] = result.round_record["rejected"]
-    assert rejected["node_id"] == 12
-    assert "layer.lora_B.weight" in rejected["reason"] and "non-finite" in rejected["reason"]
+    assert rejected["node_id"] == node and reason in rejected["reason"], rejected
+    honest = [n for n in CLIENTS if n != node]
+    assert [c["node_id"] for c in result.client_records] == honest
     assert result.round_record["clients"] == 2
-    assert [c["node_id"] for c in result.client_records] == [11, 13]
-    averaged = arrays.to_torch_state_dict()
-    for key, value in expected_average([11, 13]).items():
-        np.testing.assert_allclose(averaged[key].numpy(), value, rtol=1e-6, atol=1e-7)
+    assert_adapter(arrays, expected_average(honest))
+    assert l2({k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}, GLOBAL) < 0.1
 
 
-@pytest.mark.parametrize("key, value", [("kl", float("nan")), ("lambda_mean", [0.5, float("inf")])])
-def test_reply_with_non_finite_metric_is_rejected(key, value):
+def test_all_replies_claiming_zero_examples_end_the_round_cleanly_not_with_zero_division():
+    strategy, results = make_strategy()
+    replies = [reply(n, make_adapter(CLIENTS[n][0]), make_metrics(*CLIENTS[n][1:], num_examples=0)) for n in CLIENTS]
+    with pytest.raises(RoundFailed, match=r"round 1: 0 usable replies, fewer than min_clients \(1\)") as info:
+        strategy.aggregate_train(1, replies)
+    record = info.value.record
+    assert record["type"] == "round-failed"
+    assert [r["node_id"] for r in record["rejected"]] == list(CLIENTS)
+    assert all("num-examples" in r["reason"] for r in record["rejected"])
+    assert results == []
+
+
+def test_an_unreadable_reply_is_rejected_not_raised():
     strategy, results = make_strategy()
     replies = client_replies()
-    metrics = make_metrics(*CLIENTS[13][1:])
-    metrics[key] = value
-    replies[2] = reply(13, make_adapter(CLIENTS[13][0]), metrics)
-
+    broken = ArrayRecord({k: Array(dtype="float32", shape=tuple(shape), stype="numpy.ndarray", data=b"garbage")
+                          for k, shape in TENSOR_SHAPES.items()})
+    replies[1] = Message(RecordDict({"arrays": broken, "metrics": MetricRecord(make_metrics([0.5, 0.5], 0, 0))}),
+                         reply_to=instruction(12))
     strategy.aggregate_train(1, replies)
-
-    [result] = results
-    [rejected] = result.round_record["rejected"]
-    assert rejected["node_id"] == 13 and f"metric {key}" in rejected["reason"]
-    assert [c["node_id"] for c in result.client_records] == [11, 12]
+    [rejected] = results[0].round_record["rejected"]
+    assert rejected["node_id"] == 12 and rejected["reason"].startswith("unreadable reply")
 
 
-def test_client_error_reply_is_rejected_with_its_reason():
-    strategy, results = make_strategy()
-    replies = client_replies((11, 13)) + [error_reply(12, "out of memory")]
+def test_a_second_reply_and_a_reply_from_a_node_not_sampled_are_rejected():
+    strategy, results = make_strategy(nodes=(11, 12))
+    replies = client_replies((11, 12)) + [reply(12, make_adapter(5), make_metrics([0.5, 0.5], 0, 0)),
+                                          reply(13, make_adapter(2), make_metrics([0.5, 0.5], 0, 0))]
+    strategy.aggregate_train(1, replies)
+    assert results[0].round_record["rejected"] == [{"node_id": 12, "reason": "a second reply this round"},
+                                                   {"node_id": 13, "reason": "node was not sampled"}]
+    assert [c["node_id"] for c in results[0].client_records] == [11, 12]
+
+
+# ---- failed and silent clients ----------------------------------------------------------------
+def test_client_error_and_timed_out_node_are_recorded_and_the_round_goes_on():
+    strategy, results = make_strategy(nodes=(11, 12, 13, 14), num_clients=4, round_timeout=90)
+    replies = client_replies((11, 13)) + [error_reply(12, "out of memory")]  # 14 never answers
     strategy.aggregate_train(1, replies)
     [result] = results
-    assert result.round_record["rejected"] == [{"node_id": 12, "reason": "client error: out of memory"}]
-    assert result.round_record["clients"] == 2
+    assert result.round_record["failed"] == [{"node_id": 12, "reason": "client error: out of memory"},
+                                             {"node_id": 14, "reason": "no reply within round_timeout (90 s)"}]
+    assert result.round_record["rejected"] == [] and result.round_record["clients"] == 2
 
 
-def test_all_replies_rejected_raises_federation_error_naming_nodes_and_reasons():
-    strategy, results = make_strategy(round_offset=2)
+def test_a_client_error_is_recorded_as_its_message_without_flowers_traceback():
+    flower_reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
+                     "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                     "firm.federation.client_app.ClientStateError: state.safetensors cannot be read\n\n"
+                     "Exception ClientAppException occurred. Message: state.safetensors cannot be read'>")
+    assert client_error_summary(flower_reason) == "state.safetensors cannot be read"
+    assert client_error_summary("Traceback:\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert client_error_summary("") == "no reason given"
+    assert len(client_error_summary("x" * 10_000)) == 500
+
+
+def test_fewer_usable_replies_than_min_clients_raise_round_failed_naming_nodes_and_reasons():
+    strategy, results = make_strategy(round_offset=2, min_clients=2)
     bad = make_adapter(0)
     bad["head.lora_A.weight"][0] = np.inf
-    replies = [reply(11, bad, make_metrics(*CLIENTS[11][1:])), error_reply(12, "worker crashed")]
+    replies = [reply(11, bad, make_metrics(*CLIENTS[11][1:])), error_reply(12, "worker crashed"),
+               reply(13, make_adapter(2), make_metrics(*CLIENTS[13][1:]))]
 
-    with pytest.raises(FederationError) as info:
+    with pytest.raises(RoundFailed) as info:
         strategy.aggregate_train(1, replies)
 
     message = str(info.value)
-    assert "round 3" in message
+    assert isinstance(info.value, FederationError)
+    assert message.startswith("round 3: 1 usable replies, fewer than min_clients (2)")
     assert "node 11" in message and "head.lora_A.weight" in message
     assert "node 12" in message and "worker crashed" in message
+    record = info.value.record
+    assert record["failed"] == [{"node_id": 12, "reason": "client error: worker crashed"}]
+    assert [r["node_id"] for r in record["rejected"]] == [11]
     assert results == []
 
 
-def test_no_replies_at_all_raises_federation_error():
+def test_no_replies_at_all_name_every_sampled_node_as_timed_out():
     strategy, results = make_strategy()
-    with pytest.raises(FederationError, match="no replies arrived"):
+    with pytest.raises(RoundFailed, match="node 11: no reply within round_timeout") as info:
         strategy.aggregate_train(1, [])
+    assert [f["node_id"] for f in info.value.record["failed"]] == [11, 12, 13]
     assert results == []
+
+
+# ---- the schema and the bound come from the server's config ---------------------------------------
+def test_reply_schema_comes_from_the_config_and_matches_what_clients_send():
+    config = make_config(rewards="relevance,civility", rollouts_per_round=2, sample_responses=3)
+    schema = reply_schema(config)
+    assert {k for k in schema.metrics if k.startswith("reward/")} == {"reward/relevance", "reward/civility"}
+    assert schema.metrics["lambda_mean"] == 2 and schema.metrics["grad_cosine"] == 1 and schema.metrics["kl"] == 0
+    assert schema.max_examples == 16 and schema.max_samples == 3
+    # What firm.trainer.summarize and the client app produce fits the schema exactly.
+    stats = RoundStats(scores=[torch.rand(8, 2)], kl_per_sequence=[torch.rand(8)], response_tokens=[torch.ones(8)],
+                       lambdas=[np.array([0.3, 0.7])], cosines=[np.array([0.2])], policy_losses=[0.1],
+                       value_losses=[0.2], approx_kls=[0.0], clipfracs=[0.0], steps=1, num_examples=8)
+    metrics = summarize(stats, ["relevance", "civility"]) | {"partition-id": 1, "kl_coef": 0.05}
+    assert check_metrics(schema, metrics) is None
+    fsmgda = reply_schema(make_config(algorithm="fsmgda"))
+    assert fsmgda.max_steps == 2 * reply_schema(make_config()).max_steps  # one pass per objective
+
+
+def test_auto_update_bound_is_twice_the_largest_honest_adamw_step():
+    config = FirmConfig()  # default: lr 3e-4, 1 rollout of 8 prompts x 2 epochs x 2 minibatches
+    # A full batch takes 2 steps per epoch, but a shard of 3 prompts gives minibatches of 1: 3 steps.
+    assert max_local_steps(config) == 2 * 3
+    # the embedded policy's LoRA (r=16 on q_proj, v_proj of 30 layers): 921,600 parameters
+    assert honest_step_ceiling(config, 921_600) == pytest.approx(3e-4 * 6 * 960)
+    assert update_bound(config, 921_600) == pytest.approx(2 * 3e-4 * 6 * 960)
+    assert update_bound(FirmConfig(max_update_norm=0.5), 921_600) == 0.5
+    assert max_local_steps(FirmConfig(rollout_batch_size=2, num_minibatches=1, ppo_epochs=1)) == 1
+    assert max_local_steps(FirmConfig(rollout_batch_size=16, num_minibatches=1, ppo_epochs=3, rollouts_per_round=2)) == 6
+
+
+def test_check_reply_without_a_schema_still_checks_tensors_and_finiteness():
+    expected = {"a": ((2, 3), "float32")}
+
+    def content(arrays, metrics=None):
+        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                           "metrics": MetricRecord(metrics or {"num-examples": 1})})
+
+    assert check_reply(content({"a": np.zeros((2, 3), dtype=np.float32)}), expected) is None
+    assert "shape (3, 2)" in check_reply(content({"a": np.zeros((3, 2), dtype=np.float32)}), expected)
+    assert "do not match" in check_reply(content({"b": np.zeros((2, 3), dtype=np.float32)}), expected)
+    assert "not finite" in check_reply(content({"a": np.zeros((2, 3), dtype=np.float32)}, {"x": float("nan")}),
+                                       expected)
 
 
 # ---- FSMGDA: server-side min-norm combination of per-objective updates ----------------------------
@@ -262,27 +521,21 @@ def min_norm_two(d1: np.ndarray, d2: np.ndarray) -> float:
 
 
 def test_fsmgda_combines_averaged_objective_updates_with_min_norm_weights():
-    results: list[RoundResult] = []
-    strategy = FsmgdaFedAvg(num_objectives=2, beta=0.0, preference=[0.5, 0.5], on_round_end=results.append)
-    global_adapter = make_adapter(20)
-    strategy.configure_train(1, ArrayRecord({k: torch.from_numpy(v) for k, v in global_adapter.items()}),
-                             ConfigRecord(), FakeGrid([11, 12]))
+    strategy, results = make_strategy(nodes=(11, 12), cls=FsmgdaFedAvg, num_clients=2, algorithm="fsmgda", beta=0.0)
     # client c, objective m: its own local update of the global adapter
-    local = {(c, m): {k: v + make_adapter(30 + 2 * c + m)[k] * (1.0 + m) for k, v in global_adapter.items()}
+    local = {(c, m): {k: v + random_adapter(30 + 2 * c + m, scale=0.02)[k] * (1.0 + m) for k, v in GLOBAL.items()}
              for c in (0, 1) for m in (0, 1)}
-    examples = {0: 1, 1: 3}
     replies = []
     for c, node in enumerate((11, 12)):
         packed = {f"objective-{m}/{k}": local[(c, m)][k] for m in (0, 1) for k in TENSOR_SHAPES}
-        replies.append(reply(node, packed, make_metrics(examples[c], [0.5, 0.5], 1.0, 0.1)))
+        replies.append(reply(node, packed, make_metrics([0.5, 0.5], 1.0, 0.1, num_examples=1 + 7 * c)))
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
     keys = sorted(TENSOR_SHAPES)
-    g = np.concatenate([global_adapter[k].astype(np.float64).ravel() for k in keys])
-    averaged = [np.concatenate([(examples[0] * local[(0, m)][k].astype(np.float64)
-                                 + examples[1] * local[(1, m)][k].astype(np.float64)).ravel() / 4.0 for k in keys])
-                for m in (0, 1)]
+    g = np.concatenate([GLOBAL[k].astype(np.float64).ravel() for k in keys])
+    averaged = [np.concatenate([(local[(0, m)][k].astype(np.float64) + local[(1, m)][k].astype(np.float64)).ravel()
+                                / 2.0 for k in keys]) for m in (0, 1)]  # equal weights, not num-examples
     d1, d2 = averaged[0] - g, averaged[1] - g
     t = min_norm_two(d1, d2)
     assert 0.0 < t < 1.0, "the test updates should give an interior MGDA solution"
@@ -297,26 +550,17 @@ def test_fsmgda_combines_averaged_objective_updates_with_min_norm_weights():
     assert result.round_record["algorithm"] == "fsmgda"
     assert result.round_record["lambda_mean"] == pytest.approx([t, 1.0 - t], abs=1e-6)
     assert result.round_record["lambda_std"] == [0.0, 0.0]
-    upload = sum(npy_size(v) for v in local[(0, 0)].values()) * 2
+    upload = sum(npy_size(v.astype(np.float32)) for v in local[(0, 0)].values()) * 2
     assert result.client_records[0]["bytes_up"] == upload
+    for c, record in enumerate(result.client_records):  # one norm per objective's adapter; the larger is kept
+        assert record["update_norm"] == pytest.approx(max(l2(local[(c, m)], GLOBAL) for m in (0, 1)), rel=1e-5)
 
 
-def test_reply_with_wrong_adapter_tensors_is_rejected_not_fatal():
-    from flwr.app import Array, ArrayRecord
-
-    from firm.federation.strategy import check_reply
-
-    global_record = ArrayRecord({"a": Array(np.zeros((2, 3), dtype=np.float32))})
-    expected = {k: tuple(v.shape) for k, v in global_record.items()}
-
-    def content(arrays):
-        from flwr.app import MetricRecord, RecordDict
-
-        return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                           "metrics": MetricRecord({"num-examples": 1})})
-
-    assert check_reply(content({"a": np.zeros((2, 3), dtype=np.float32)}), expected) is None
-    assert "shape (3, 2)" in check_reply(content({"a": np.zeros((3, 2), dtype=np.float32)}), expected)
-    assert "do not match" in check_reply(content({"b": np.zeros((2, 3), dtype=np.float32)}), expected)
-    assert "do not match" in check_reply(content({"a": np.zeros((2, 3), dtype=np.float32),
-                                                  "b": np.zeros(1, dtype=np.float32)}), expected)
+def test_fsmgda_rejects_an_upload_whose_one_objective_adapter_is_too_far():
+    strategy, results = make_strategy(nodes=(11, 12), cls=FsmgdaFedAvg, num_clients=2, algorithm="fsmgda")
+    honest = {f"objective-{m}/{k}": make_adapter(m)[k] for m in (0, 1) for k in TENSOR_SHAPES}
+    hostile = dict(honest, **{"objective-1/layer.lora_A.weight": GLOBAL["layer.lora_A.weight"] + 5.0})
+    strategy.aggregate_train(1, [reply(11, honest, make_metrics([0.5, 0.5], 0, 0)),
+                                 reply(12, hostile, make_metrics([0.5, 0.5], 0, 0))])
+    [rejected] = results[0].round_record["rejected"]
+    assert rejected["node_id"] == 12 and "exceeds the bound" in rejected["reason"]

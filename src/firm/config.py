@@ -62,6 +62,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Where `report_to` can send training curves besides metrics.jsonl (firm.tracking).
 REPORTERS = ("none", "tensorboard")
 
+# How the server combines client adapters (FirmConfig.aggregator).
+AGGREGATORS = ("fedavg", "median", "trimmed-mean")
+
 # Sampling seed of `firm eval` and of the harness's final evaluations: the same prompts and the
 # same random numbers for every adapter, so comparisons between adapters are paired.
 EVAL_SEED = 1234
@@ -175,6 +178,20 @@ class FirmConfig:
     preference: str = ""
     """comma-separated preference over objectives, summing to 1 ('' = uniform)"""
 
+    # --- robustness ------------------------------------------------------------------------
+    aggregator: str = "fedavg"
+    """how the server combines the accepted client adapters: fedavg (equal-weight mean), median or trimmed-mean (coordinate-wise, Flower's FedMedian / FedTrimmedAvg rules); see AGGREGATORS"""
+    trim_fraction: float = 0.25
+    """trimmed-mean: fraction of the replies cut from each end, per coordinate (0.25 cuts 1 of 4 clients at each end)"""
+    max_update_norm: float = 0.0
+    """reject a reply whose adapter lies farther than this (L2) from the global adapter; 0 = auto: 2 x the largest step an honest AdamW client can take (learning_rate x local steps x sqrt(LoRA parameters))"""
+    min_clients: int = 1
+    """usable replies a round needs; a round with fewer stops the run (resumable with --resume)"""
+    round_timeout: float = 3600.0
+    """seconds the server waits for a round's replies; a client that has not answered by then is recorded as timed out"""
+    node_wait: float = 60.0
+    """seconds a round waits for all num_clients nodes to be connected before it samples the connected ones"""
+
     # --- output ----------------------------------------------------------------------------
     sample_responses: int = 0
     """prompt/response pairs each client sends per round into metrics.jsonl (off: prompts are private)"""
@@ -238,6 +255,18 @@ class FirmConfig:
         specs = self.reward_specs()
         need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
         need(len(self.target_modules()) >= 1, "lora_target_modules is empty")
+        need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        for name in ("trim_fraction", "max_update_norm", "round_timeout", "node_wait"):
+            value = getattr(self, name)
+            need(math.isfinite(value), f"{name} must be finite, got {value}")
+            need(value >= 0, f"{name} must be >= 0, got {value}")
+        need(self.trim_fraction < 0.5, f"trim_fraction must be < 0.5, got {self.trim_fraction}")
+        need(self.aggregator != "trimmed-mean" or int(self.trim_fraction * self.num_clients) >= 1,
+             f"aggregator trimmed-mean with trim_fraction {self.trim_fraction} cuts no reply of {self.num_clients} "
+             "clients; raise trim_fraction or use fedavg")
+        need(self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}")
+        need(1 <= self.min_clients <= self.num_clients,
+             f"min_clients must be between 1 and num_clients ({self.num_clients}), got {self.min_clients}")
         try:
             validate_preference(self.preference_vector(), len(specs))
         except ValueError as err:
@@ -381,5 +410,5 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "field_docs", "coerce",
+__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "field_docs", "coerce",
            "config_reference_markdown"]

@@ -8,8 +8,12 @@ Layout::
     RUN_DIR/state.json                   last completed round (what --resume continues from)
     RUN_DIR/plots/*.png
 
-Every file is written atomically (temp file + os.replace) so an interrupted run never leaves a
-half-written adapter or state behind, and a resumed run drops metrics of unfinished rounds.
+    RUN_DIR/clients/<partition-id>/      each simulated client's own state (firm.federation.client_app)
+
+Every file but the metrics log is written atomically (temp file + fsync + os.replace), so an
+interrupted run never leaves a half-written adapter, config or state behind. The metrics log is
+appended one whole write per round, fsynced; a resumed run moves a torn last line (a crash in
+the middle of that write) to metrics.jsonl.torn and drops the metrics of unfinished rounds.
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ from firm.errors import FirmError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+TORN_SUFFIX = ".torn"
 STATE_FILE = "state.json"
 ADAPTERS_DIR = "adapters"
 PLOTS_DIR = "plots"
+CLIENTS_DIR = "clients"
+# Records about a round's attempt (who failed and why) rather than its results: resume keeps them.
+ATTEMPT_RECORD_TYPES = ("round-failed",)
 
 
 def default_run_dir(preset: str) -> str:
@@ -42,18 +50,62 @@ class RunDirError(FirmError, RuntimeError):
     """The run directory is missing, incomplete or not a FIRM run."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write a whole file or nothing: temp file in the same directory, fsync, os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` with O_APPEND writes (one, unless the kernel writes less) and fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def split_torn_tail(data: bytes) -> tuple[bytes, bytes]:
+    """(the whole lines, a torn last line): the last line is torn when it lacks its newline or
+    is not JSON (a crash in the middle of an append). Only the last line can be torn."""
+    if data.endswith(b"\n"):
+        head, sep, last = data[:-1].rpartition(b"\n")
+        if not last.strip():
+            return data, b""
+        try:
+            json.loads(last)
+            return data, b""
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return head + sep, last + b"\n"
+    head, sep, last = data.rpartition(b"\n")
+    return head + sep, last
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -116,21 +168,34 @@ class RunDir:
         atomic_write_text(self.path / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
     def drop_unfinished_rounds(self) -> int:
-        """Remove metric records of rounds after the last completed one (left by a crash)."""
+        """Before a resumed run: move a torn last metrics line to metrics.jsonl.torn, and remove the
+        result records of rounds after the last completed one (left by a crash); records of failed
+        attempts stay. Returns how many records were removed."""
+        self.move_torn_tail()
         done = self.completed_rounds
         records = self.read_metrics()
-        kept = [r for r in records if int(r.get("round", 0)) <= done]
+        kept = [r for r in records if int(r.get("round", 0)) <= done or r.get("type") in ATTEMPT_RECORD_TYPES]
         if len(kept) != len(records):
             atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
         return len(records) - len(kept)
 
     # ---- metrics -------------------------------------------------------------------------
+    def move_torn_tail(self) -> bytes:
+        """Move a torn last line of metrics.jsonl to metrics.jsonl.torn (appended there, so
+        nothing is lost); returns the moved bytes (b"" when the log is whole)."""
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return b""
+        whole, torn = split_torn_tail(path.read_bytes())
+        if torn:
+            append_whole(path.with_name(path.name + TORN_SUFFIX), torn if torn.endswith(b"\n") else torn + b"\n")
+            atomic_write_bytes(path, whole)
+        return torn
+
     def append_metrics(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append records, one JSON line each, in one write, fsynced."""
         lines = "".join(json.dumps(_finite_or_none(r), allow_nan=False) + "\n" for r in records)
-        with open(self.path / METRICS_FILE, "a") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        append_whole(self.path / METRICS_FILE, lines.encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / METRICS_FILE
@@ -183,3 +248,7 @@ class RunDir:
     @property
     def plots_dir(self) -> Path:
         return self.path / PLOTS_DIR
+
+    def client_dir(self, partition_id: int) -> Path:
+        """Where a simulated client keeps its state between rounds (and across --resume)."""
+        return self.path / CLIENTS_DIR / str(int(partition_id))

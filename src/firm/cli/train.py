@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -130,8 +131,14 @@ def train_command(args: argparse.Namespace) -> int:
     state = run.state()
     print_summary(run.path, wall)
     if state["completed_rounds"] < config.num_rounds:
-        reason = state.get("error", "see the log above")
-        print(f"error: the run stopped after round {state['completed_rounds']} of {config.num_rounds}: {reason}\n"
-              f"everything written so far is kept; continue with: firm train --resume {run.path}", file=sys.stderr)
+        print(stop_message(state, config.num_rounds, run.path), file=sys.stderr)
         return 1
     return 0
+
+
+def stop_message(state: dict, num_rounds: int, run_path: Path) -> str:
+    """Why a run stopped early, on one line, then the exact command that continues it."""
+    reason = " ".join(str(state.get("error", "see the log above")).split())
+    return (f"error: the run stopped after round {state['completed_rounds']} of {num_rounds}: {reason}; "
+            f"everything written so far is kept\n"
+            f"resume with: firm train --resume {shlex.quote(str(run_path))}")

@@ -2,8 +2,15 @@
 
 Each round it receives the global LoRA adapter and the run's FirmConfig (a ConfigRecord),
 runs the local FIRM update on its own prompt shard and replies with ONE adapter and its
-metrics. What must survive between rounds stays on the node, in ``context.state``: the
-critic (value head), the running reward statistics and the KL controller.
+metrics. What must survive between rounds stays on the node: the critic (value head), the
+running reward statistics and the KL controller (the optimiser starts fresh every round, so it
+has no state to keep). It lives in the node's own directory, one file per round written
+atomically after the round (``round-NNN.safetensors``; it and the one before are kept) and read
+back at the start of the next, so ``--resume`` continues it exactly, even after a crash in the
+middle of a round (round r always starts from the latest state saved before round r):
+- a node config ``state-dir=PATH`` (a deployed SuperNode: its own directory);
+- else RUN_DIR/clients/<partition-id>/ when the run directory is on this host (simulation);
+- else Flower's in-memory ``context.state`` (lost when the node restarts).
 
 The node's shard: ``partition-id`` / ``num-partitions`` from the node config (set by the
 simulation engine, or by ``flower-supernode --node-config``) select a partition of the prompt
@@ -12,22 +19,32 @@ source; a node config ``prompts=PATH`` makes the node train on its own file inst
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import zlib
 from functools import lru_cache
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from firm.config import FirmConfig
-from firm.federation.protocol import ROUND_KEY, STATE_CLIENT, STATE_VALUE_HEAD, config_from_record
+from firm.errors import FirmError
+from firm.federation.protocol import (NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_VALUE_HEAD, check_metrics,
+                                      config_from_record, reply_schema)
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, load_policy,
                          resolve_device)
 from firm.partition import partition_prompts
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
+from firm.rundir import CONFIG_FILE, RunDir, atomic_write_bytes
 from firm.trainer import FirmLocalTrainer, summarize
 
 app = ClientApp()
@@ -63,7 +80,71 @@ def round_seed(*parts: int) -> int:
     return zlib.crc32(",".join(str(p) for p in parts).encode())
 
 
-def restore_state(context: Context, trainer: FirmLocalTrainer) -> None:
+# ---- the node's state between rounds -------------------------------------------------------------
+STATE_FORMAT = "firm-client-state"
+STATE_FILE_PATTERN = re.compile(r"round-(\d{3,})\.safetensors")
+
+
+class ClientStateError(FirmError, RuntimeError):
+    """A client's saved state cannot be read; the message names the file."""
+
+
+def state_file(directory: Path, firm_round: int) -> Path:
+    return directory / f"round-{firm_round:03d}.safetensors"
+
+
+def client_state_dir(cfg: FirmConfig, node_config) -> Path | None:
+    """Where this node keeps its state: its node config's state-dir, else the run directory's
+    clients/<partition-id>/ when the run directory is on this host; None: in memory only."""
+    if NODE_STATE_DIR_KEY in node_config:
+        return Path(str(node_config[NODE_STATE_DIR_KEY]))
+    if cfg.run_dir and (Path(cfg.run_dir) / CONFIG_FILE).is_file():
+        return RunDir(cfg.run_dir).client_dir(int(node_config.get("partition-id", 0)))
+    return None
+
+
+def trainer_state(trainer: FirmLocalTrainer, firm_round: int) -> bytes:
+    """The critic, reward statistics and KL controller after ``firm_round``, as one safetensors file."""
+    stats = trainer.reward_stats.state_dict()
+    tensors = {f"value_head.{k}": v.detach().cpu().contiguous() for k, v in trainer.value_head.state_dict().items()}
+    tensors["reward_stats.mean"] = torch.tensor(stats["mean"], dtype=torch.float64)
+    tensors["reward_stats.var"] = torch.tensor(stats["var"], dtype=torch.float64)
+    metadata = {"format": STATE_FORMAT, "round": str(firm_round), "reward_count": repr(float(stats["count"])),
+                "kl_controller": json.dumps(trainer.kl_controller.state_dict())}
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def load_trainer_state(trainer: FirmLocalTrainer, data: bytes, source: str) -> None:
+    try:
+        tensors = load_safetensors(data)
+        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+        if metadata.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} file")
+        trainer.value_head.load_state_dict({k.removeprefix("value_head."): v.to(trainer.value_head.linear.weight.device)
+                                            for k, v in tensors.items() if k.startswith("value_head.")})
+        trainer.reward_stats.load_state_dict({"mean": tensors["reward_stats.mean"].tolist(),
+                                              "var": tensors["reward_stats.var"].tolist(),
+                                              "count": float(metadata["reward_count"])})
+        trainer.kl_controller.load_state_dict(json.loads(metadata["kl_controller"]))
+    except (SafetensorError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+        raise ClientStateError(f"client state {source} cannot be read ({type(err).__name__}: {err}); "
+                               "move it away to restart this client's state") from None
+
+
+def saved_rounds(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := STATE_FILE_PATTERN.fullmatch(p.name)))
+
+
+def restore_state(context: Context, trainer: FirmLocalTrainer, directory: Path | None, firm_round: int) -> None:
+    """Load the state saved after the latest round before ``firm_round`` (none: a fresh start)."""
+    if directory is not None:
+        earlier = [r for r in saved_rounds(directory) if r < firm_round]
+        if earlier:
+            path = state_file(directory, earlier[-1])
+            load_trainer_state(trainer, path.read_bytes(), str(path))
+        return
     state = context.state
     if STATE_VALUE_HEAD in state.array_records:
         trainer.value_head.load_state_dict(state.array_records[STATE_VALUE_HEAD].to_torch_state_dict())
@@ -71,10 +152,18 @@ def restore_state(context: Context, trainer: FirmLocalTrainer) -> None:
         saved = state.config_records[STATE_CLIENT]
         trainer.reward_stats.load_state_dict({"mean": list(saved["reward_mean"]), "var": list(saved["reward_var"]),
                                               "count": float(saved["reward_count"])})
-        trainer.kl_controller.value = float(saved["kl_coef"])
+        trainer.kl_controller.load_state_dict(json.loads(str(saved["kl_controller"])))
 
 
-def save_state(context: Context, trainer: FirmLocalTrainer) -> None:
+def save_state(context: Context, trainer: FirmLocalTrainer, directory: Path | None, firm_round: int) -> None:
+    """Write the state after ``firm_round`` atomically; keep it and the latest one before it (a
+    round redone after a crash starts from that), remove older ones."""
+    if directory is not None:
+        atomic_write_bytes(state_file(directory, firm_round), trainer_state(trainer, firm_round))
+        earlier = [r for r in saved_rounds(directory) if r < firm_round]
+        for old in earlier[:-1]:
+            state_file(directory, old).unlink(missing_ok=True)
+        return
     context.state.array_records[STATE_VALUE_HEAD] = ArrayRecord(
         {name: tensor.cpu() for name, tensor in trainer.value_head.state_dict().items()})
     stats = trainer.reward_stats.state_dict()
@@ -82,7 +171,7 @@ def save_state(context: Context, trainer: FirmLocalTrainer) -> None:
         "reward_mean": [float(x) for x in stats["mean"]],
         "reward_var": [float(x) for x in stats["var"]],
         "reward_count": float(stats["count"]),
-        "kl_coef": float(trainer.kl_controller.value),
+        "kl_controller": json.dumps(trainer.kl_controller.state_dict()),
     })
 
 
@@ -95,7 +184,8 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     value_head = MultiObjectiveValueHead(hidden_size, len(rewards))
     trainer_class = FsmgdaLocalTrainer if cfg.algorithm_spec().per_objective_upload else FirmLocalTrainer
     trainer = trainer_class(policy, tokenizer, value_head, rewards, cfg)  # fresh stats; restore_state loads saved ones
-    restore_state(context, trainer)
+    state_dir = client_state_dir(cfg, context.node_config)
+    restore_state(context, trainer, state_dir, firm_round)
     shard = client_shard(cfg, context.node_config)
     partition_id = int(context.node_config.get("partition-id", 0))
     seed = round_seed(cfg.seed, partition_id, firm_round)
@@ -106,19 +196,26 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     else:
         stats = trainer.train_round(shard, random.Random(seed))
         upload = adapter_state(policy)
-    save_state(context, trainer)
+    save_state(context, trainer, state_dir, firm_round)
     metrics = summarize(stats, [r.name for r in rewards])
     metrics["partition-id"] = partition_id
     metrics["kl_coef"] = float(trainer.kl_controller.value)
+    mismatch = check_metrics(reply_schema(cfg, [r.name for r in rewards]), metrics)
+    if mismatch is not None:  # the server would reject this reply: a bug on this side, say it here
+        raise RuntimeError(f"this client's reply does not fit the reply schema: {mismatch}")
     return upload, metrics, stats.samples[: cfg.sample_responses]
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config_record = msg.content["config"]
-    cfg = config_from_record(config_record)
-    global_adapter = msg.content["arrays"].to_torch_state_dict()
-    adapter, metrics, samples = run_local_update(cfg, global_adapter, context, int(config_record[ROUND_KEY]))
+    try:
+        cfg = config_from_record(config_record)
+        global_adapter = msg.content["arrays"].to_torch_state_dict()
+        adapter, metrics, samples = run_local_update(cfg, global_adapter, context, int(config_record[ROUND_KEY]))
+    except FirmError as err:  # a known failure (bad config, unreadable state): one line for the server's record
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
+                       reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(adapter), "metrics": MetricRecord(metrics)})
     if samples:  # opt-in: prompts are the client's private data
         content["samples"] = ConfigRecord({"prompts": [p for p, _ in samples], "responses": [r for _, r in samples]})

@@ -10,7 +10,7 @@ Two ways in:
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import ERROR, INFO
 from typing import Callable
 
 import torch
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from firm.config import FirmConfig
 from firm.federation.protocol import config_from_run_config, config_to_record
-from firm.federation.strategy import FirmFedAvg, FsmgdaFedAvg, RoundResult
+from firm.federation.strategy import FederationError, RoundFailed, RoundResult, make_strategy
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
 from firm.plots import plot_run
 from firm.rundir import STATE_FILE, RunDir, default_run_dir
@@ -53,6 +53,10 @@ def initial_global_model(config: FirmConfig, run: RunDir):
 
 def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = None) -> None:
     config = run.config().validate()
+    # The clients keep their state under the run directory: send where it is now (a run
+    # directory may have been copied or moved since config.json was written), absolute since a
+    # client's working directory need not be the server's.
+    config.run_dir = str(run.path.resolve())
     run.drop_unfinished_rounds()
     done = run.completed_rounds
     remaining = config.num_rounds - done
@@ -73,19 +77,16 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
         if on_round is not None:
             on_round(result)
 
-    common = dict(on_round_end=on_round_end, round_offset=done, fraction_train=1.0,
-                  min_train_nodes=config.num_clients, min_available_nodes=config.num_clients)
-    if config.algorithm_spec().per_objective_upload:
-        strategy = FsmgdaFedAvg(num_objectives=len(config.reward_specs()), beta=config.effective_beta(),
-                                preference=config.preference_vector(), **common)
-    else:
-        strategy = FirmFedAvg(algorithm=config.algorithm, **common)
+    strategy = make_strategy(config, on_round_end=on_round_end, round_offset=done)
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(peft_model)), num_rounds=remaining,
-                       train_config=config_to_record(config))
+                       timeout=config.round_timeout, train_config=config_to_record(config))
     except Exception as err:
-        # Keep what was written; record why the run stopped so the CLI can say it.
-        run.write_state(run.completed_rounds, error=f"{type(err).__name__}: {err}")
+        # Keep what was written; record who failed and why, and why the run stopped, so the CLI can say it.
+        if isinstance(err, RoundFailed):
+            run.append_metrics([err.record])
+        reason = str(err) if isinstance(err, FederationError) else f"{type(err).__name__}: {err}"
+        run.write_state(run.completed_rounds, error=reason)
         raise
     finally:
         for reporter in reporters:
@@ -98,7 +99,10 @@ def make_server_app(run_dir: str, on_round: RoundCallback | None = None) -> Serv
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, RunDir.open(run_dir), on_round)
+        try:
+            run_federation(grid, RunDir.open(run_dir), on_round)
+        except FederationError:
+            pass  # recorded in state.json and metrics.jsonl; the caller reports it in one line
 
     return server
 
@@ -111,4 +115,8 @@ def main(grid: Grid, context: Context) -> None:
     run = run_dir_from_run_config(context)
     # Under `flwr run` a relative run-dir resolves in the SuperLink's working directory: say where.
     log(INFO, "FIRM run directory: %s", run.path.resolve())
-    run_federation(grid, run)
+    try:
+        run_federation(grid, run)
+    except FederationError as err:
+        log(ERROR, "FIRM run stopped: %s; everything written is kept; resume with run-dir=%s", err, run.path.resolve())
+        raise

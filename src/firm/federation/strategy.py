@@ -1,35 +1,70 @@
-"""FedAvg over LoRA adapters, with FIRM's bookkeeping.
+"""Aggregation of FIRM clients' LoRA adapters that no single client can own.
 
-The averaging itself is Flower's FedAvg (weighted by ``num-examples``). On top of it this
-strategy
-- rejects replies whose adapter or metrics are not finite (the round goes on with the others;
-  the rejection is logged with the node and the reason; if every reply is rejected the run
-  stops with an error and everything written so far stays),
-- counts the bytes each client receives and sends,
-- measures client disagreement: mean and spread of lambda across clients, and the mean
-  distance of the client adapters from their average,
-- hands the averaged adapter and the round's records to ``on_round_end`` (the server app
-  writes checkpoints and metrics there).
+Built on Flower's FedAvg (its message construction and ``start`` loop); what it changes:
+- Weights: every accepted reply counts the same. ``num-examples`` is what the client asserts,
+  so it is checked (a whole number from 1 to rollouts_per_round x rollout_batch_size) but never
+  used as a weight. Equal weights are also what honest FedAvg gives here: every client does the
+  same work per round (rollouts_per_round batches of rollout_batch_size prompts, whatever its
+  shard size), and the shard sizes the server could assign are unknown for a deployed node
+  that trains on its own prompt file.
+- Schema: the reply a client must send (tensor names, shapes and dtype of the global adapter;
+  the metric keys and list lengths of firm.federation.protocol.reply_schema, from the server's
+  config) is fixed before any reply arrives. A reply that does not fit, has non-finite values,
+  impossible counts, or an update (L2 distance from the global adapter) above the bound is
+  rejected with its reason; checking a reply never raises.
+- Update bound: replies beyond it are rejected, not clipped. A reply that far from the global
+  adapter is broken or hostile; clipping would still give its direction full weight every round
+  and hide it, while rejection leaves the honest average untouched and names the node.
+- Aggregator: fedavg (equal-weight mean), median or trimmed-mean, coordinate-wise, with the
+  rules of Flower's FedMedian (``np.median`` over the stacked replies) and FedTrimmedAvg (its
+  ``trim_mean``). Flower's own aggregate_train methods are not called: they weight metrics by
+  ``num-examples`` and pop the arrays out of the replies.
+- Failures: nodes are sampled from those connected after a bounded wait (``node_wait``); a node
+  that answers with an error or not within ``round_timeout`` is recorded with the reason; a round
+  with fewer than ``min_clients`` usable replies raises ``RoundFailed`` carrying a record of who
+  failed and why (the server app writes it to metrics.jsonl and stops the run cleanly).
+- Bookkeeping as before: bytes each way, lambda statistics, distances; the new global adapter
+  and the round's records go to ``on_round_end``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import random
+import re
+import time
+from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from firm.federation.protocol import ROUND_KEY
+from firm.config import FirmConfig
+from firm.federation.protocol import ROUND_KEY, ReplySchema, check_metrics, check_samples, reply_schema, update_bound
 from firm.fsmgda import fsmgda_combine, pack_objectives, split_objectives
+
+# The longest a node's failure reason may be in the one-line stop message (metrics.jsonl keeps it whole).
+SHORT_REASON_CHARS = 240
+# The longest client error kept in the records (Flower's reasons can be whole tracebacks).
+CLIENT_ERROR_CHARS = 500
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
 
 class FederationError(RuntimeError):
     """A round could not produce a global adapter."""
+
+
+class RoundFailed(FederationError):
+    """A round had fewer usable replies than min_clients; ``record`` says who failed and why."""
+
+    def __init__(self, message: str, record: dict[str, Any]):
+        super().__init__(message)
+        self.record = record
 
 
 def arrayrecord_bytes(record: ArrayRecord) -> int:
@@ -38,42 +73,109 @@ def arrayrecord_bytes(record: ArrayRecord) -> int:
     return int(sum(len(array.data) for array in record.values()))
 
 
-def check_reply(content, expected_shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
-    """Why a client reply cannot be averaged, or None if it can: exactly one adapter record
-    with the expected tensor names and shapes, finite values, one finite metric record."""
+TensorSpec = tuple[tuple[int, ...], str]  # shape, dtype
+
+
+def check_reply(content: RecordDict, expected: dict[str, TensorSpec],
+                schema: ReplySchema | None = None) -> str | None:
+    """Why a client reply cannot be aggregated, or None if it can: exactly one adapter record
+    whose tensors have the expected names, shapes and dtype and finite values, one metric record
+    that fits the schema, and no config record but the opt-in samples."""
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return (f"expected one adapter record and one metric record, got {len(content.array_records)} and "
                 f"{len(content.metric_records)}")
-    if expected_shapes is not None:
-        record = next(iter(content.array_records.values()))
-        got = {k: tuple(a.shape) for k, a in record.items()}
-        if set(got) != set(expected_shapes):
-            missing = sorted(set(expected_shapes) - set(got))[:2]
-            extra = sorted(set(got) - set(expected_shapes))[:2]
-            return f"adapter tensors do not match the global adapter (missing {missing}, unexpected {extra})"
-        for key, shape in got.items():
-            if shape != tuple(expected_shapes[key]):
-                return f"adapter tensor {key} has shape {shape}, expected {tuple(expected_shapes[key])}"
-    for array_record in content.array_records.values():
-        for key, array in array_record.items():
-            values = array.numpy()
-            if not np.all(np.isfinite(values)):
-                return f"adapter tensor {key} has non-finite values"
-    for metric_record in content.metric_records.values():
-        for key, value in metric_record.items():
+    extra_records = sorted(set(content.config_records) - {"samples"})
+    if extra_records:
+        return f"unexpected config record(s) {extra_records[:3]}"
+    record = next(iter(content.array_records.values()))
+    got = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
+    if set(got) != set(expected):
+        missing = sorted(set(expected) - set(got))[:2]
+        extra = sorted(set(got) - set(expected))[:2]
+        return f"adapter tensors do not match the global adapter (missing {missing}, unexpected {extra})"
+    for key, (shape, dtype) in got.items():
+        if shape != tuple(expected[key][0]):
+            return f"adapter tensor {key} has shape {shape}, expected {tuple(expected[key][0])}"
+        if dtype != expected[key][1]:
+            return f"adapter tensor {key} has dtype {dtype}, expected {expected[key][1]}"
+    for key, array in record.items():
+        if not np.all(np.isfinite(array.numpy())):
+            return f"adapter tensor {key} has non-finite values"
+    metrics = next(iter(content.metric_records.values()))
+    if schema is None:
+        for key, value in metrics.items():
             values = value if isinstance(value, list) else [value]
             if not all(math.isfinite(float(v)) for v in values):
                 return f"metric {key} is not finite ({value})"
-    return None
+        return None
+    reason = check_metrics(schema, metrics)
+    if reason is None and "samples" in content.config_records:
+        reason = check_samples(schema, content.config_records["samples"])
+    return reason
+
+
+def l2_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """L2 norm of a - b over all tensors (float64)."""
+    return float(math.sqrt(sum(float(np.sum((np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)) ** 2))
+                               for k in b)))
 
 
 def adapter_drift(records: list[ArrayRecord], average: ArrayRecord) -> list[float]:
     """L2 distance of each client's adapter from the average adapter."""
-    avg = {k: v.numpy().astype(np.float64) for k, v in average.items()}
-    return [
-        float(math.sqrt(sum(float(np.sum((r[k].numpy().astype(np.float64) - avg[k]) ** 2)) for k in avg)))
-        for r in records
-    ]
+    avg = {k: v.numpy() for k, v in average.items()}
+    return [l2_distance({k: r[k].numpy() for k in avg}, avg) for r in records]
+
+
+def aggregate_arrays(uploads: list[dict[str, np.ndarray]], aggregator: str, trim_fraction: float,
+                     dtype: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """Combine the accepted uploads coordinate-wise, every reply weighted the same: fedavg = mean,
+    median = Flower FedMedian's np.median, trimmed-mean = Flower FedTrimmedAvg's trim_mean. The
+    result has the global adapter's dtypes."""
+    combined = {}
+    for key in uploads[0]:
+        stacked = np.stack([np.asarray(u[key], dtype=np.float64) for u in uploads])
+        if aggregator == "fedavg":
+            value = stacked.mean(axis=0)
+        elif aggregator == "median":
+            value = np.median(stacked, axis=0)
+        elif aggregator == "trimmed-mean":
+            value = trim_mean(stacked, trim_fraction)
+        else:
+            raise ValueError(f"unknown aggregator {aggregator!r}")
+        combined[key] = np.asarray(value, dtype=dtype[key])
+    return combined
+
+
+def wait_for_nodes(grid: Grid, want: int, wait_s: float, sleep: Callable[[float], None] = time.sleep,
+                   clock: Callable[[], float] = time.monotonic) -> list[int]:
+    """The connected node ids, once ``want`` are connected or ``wait_s`` seconds have passed
+    (Flower's own sampling waits without limit)."""
+    deadline = clock() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        remaining = deadline - clock()
+        if len(nodes) >= want or remaining <= 0:
+            return nodes
+        sleep(min(1.0, remaining))
+
+
+def client_error_summary(reason: str) -> str:
+    """The message of a client's error without Flower's traceback and colour codes: the line
+    after Flower's last "Message: ", else the last non-empty line."""
+    text = ANSI_ESCAPE.sub("", reason or "")
+    if "Message: " in text:
+        lines = text.rsplit("Message: ", 1)[1].strip().splitlines()
+        summary = lines[0] if lines else ""
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+        summary = lines[-1] if lines else ""
+    summary = summary.strip().removesuffix("'>").strip()
+    return (summary or "no reason given")[:CLIENT_ERROR_CHARS]
+
+
+def short_reasons(items: list[tuple[int, str]]) -> str:
+    return "; ".join(f"node {n}: {r if len(r) <= SHORT_REASON_CHARS else r[:SHORT_REASON_CHARS] + '...'}"
+                     for n, r in items)
 
 
 @dataclass
@@ -84,75 +186,145 @@ class RoundResult:
     round_record: dict[str, Any]
 
 
+@dataclass
+class _Round:
+    """What configure_train decided for the round in progress."""
+
+    sampled: list[int] = field(default_factory=list)
+    bytes_down: int = 0
+
+
 class FirmFedAvg(FedAvg):
-    """FedAvg on LoRA adapters plus the per-round records FIRM logs."""
+    """FIRM's server: robust aggregation of LoRA adapters plus the per-round records FIRM logs."""
 
     def __init__(
         self,
+        config: FirmConfig,
         *,
         on_round_end: Callable[[RoundResult], None],
         round_offset: int = 0,
-        algorithm: str = "firm",
-        **kwargs: Any,
+        schema: ReplySchema | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ):
-        kwargs.setdefault("fraction_evaluate", 0.0)  # FIRM evaluates with `firm eval`
-        super().__init__(**kwargs)
+        # Sampling is done here (configure_train); FIRM evaluates with `firm eval`.
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.min_clients,
+                         min_available_nodes=config.min_clients)
+        self.config = config
+        self.schema = reply_schema(config) if schema is None else schema
         self.on_round_end = on_round_end
         self.round_offset = round_offset
-        self.algorithm = algorithm
-        self._bytes_down = 0
+        self.algorithm = config.algorithm
+        self.sleep = sleep
+        self.clock = clock
         self._global: ArrayRecord | None = None
+        self._round = _Round()
 
+    # ---- sampling ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        config[ROUND_KEY] = self.round_offset + server_round
-        self._bytes_down = arrayrecord_bytes(arrays)
+        firm_round = self.round_offset + server_round
+        config[ROUND_KEY] = firm_round
+        config["server-round"] = server_round
         self._global = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        connected = wait_for_nodes(grid, self.config.num_clients, self.config.node_wait, self.sleep, self.clock)
+        if len(connected) < self.config.min_clients:
+            reason = (f"only {len(connected)} node(s) connected after waiting {self.config.node_wait:g} s, "
+                      f"fewer than min_clients ({self.config.min_clients})")
+            raise RoundFailed(f"round {firm_round}: {reason}", self.failed_round_record(firm_round, [], [], reason))
+        sampled = connected
+        if len(connected) > self.config.num_clients:  # never more than the federation's size
+            sampled = sorted(random.Random(firm_round).sample(connected, self.config.num_clients))
+        self._round = _Round(sampled=sampled, bytes_down=arrayrecord_bytes(arrays))
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, sampled, MessageType.TRAIN)
 
-    def expected_upload(self) -> dict[str, tuple[int, ...]] | None:
-        """Tensor names and shapes a client must send back: the global adapter's."""
-        if self._global is None:
-            return None
-        return {k: tuple(a.shape) for k, a in self._global.items()}
+    # ---- the expected reply -------------------------------------------------------------------
+    def expected_upload(self) -> dict[str, TensorSpec]:
+        """Tensor names, shapes and dtypes a client must send back: the global adapter's."""
+        assert self._global is not None, "configure_train sets the global adapter"
+        return {k: (tuple(a.shape), a.dtype) for k, a in self._global.items()}
+
+    def global_arrays(self) -> dict[str, np.ndarray]:
+        assert self._global is not None, "configure_train sets the global adapter"
+        return {k: v.numpy() for k, v in self._global.items()}
+
+    def update_norms(self, upload: dict[str, np.ndarray]) -> list[float]:
+        """The L2 distance of each adapter in an upload from the global adapter."""
+        return [l2_distance(upload, self.global_arrays())]
+
+    def update_bound(self) -> float:
+        return update_bound(self.config, sum(int(np.prod(a.shape)) for a in self.global_arrays().values()))
+
+    def review(self, msg: Message) -> tuple[str | None, list[float]]:
+        """(why the reply is rejected or None, its update norms). Never raises."""
+        try:
+            reason = check_reply(msg.content, self.expected_upload(), self.schema)
+            if reason is not None:
+                return reason, []
+            record = next(iter(msg.content.array_records.values()))
+            norms = self.update_norms({k: v.numpy() for k, v in record.items()})
+            bound = self.update_bound()
+            if max(norms) > bound:
+                return f"update norm {max(norms):.4g} exceeds the bound {bound:.4g} (max_update_norm)", norms
+            return None, norms
+        except Exception as err:  # a reply must never end the round: whatever breaks, reject it
+            return f"unreadable reply ({type(err).__name__}: {err})", []
 
     def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
-        """The new global adapter from the FedAvg average of the replies, and the round's
-        lambda statistics. FIRM: the average itself; lambda drift = spread across clients."""
+        """The new global adapter from the aggregate of the replies, and the round's lambda
+        statistics. FIRM: the aggregate itself; lambda drift = spread across clients."""
         return averaged, {"lambda_mean": client_lambdas.mean(0).tolist(),
                           "lambda_std": client_lambdas.std(0).tolist()}  # client disagreement drift
 
+    def failed_round_record(self, firm_round: int, failed: list[tuple[int, str]], rejected: list[tuple[int, str]],
+                            reason: str) -> dict[str, Any]:
+        return {"type": "round-failed", "round": firm_round, "algorithm": self.algorithm, "reason": reason,
+                "failed": [{"node_id": int(n), "reason": r} for n, r in failed],
+                "rejected": [{"node_id": int(n), "reason": r} for n, r in rejected]}
+
+    # ---- one round ------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         firm_round = self.round_offset + server_round
-        replies = list(replies)
-        valid, rejected = [], []
-        expected_shapes = self.expected_upload()
-        metric_keys: set[str] | None = None
+        sampled = set(self._round.sampled)
+        valid: list[tuple[Message, list[float]]] = []
+        failed: list[tuple[int, str]] = []
+        rejected: list[tuple[int, str]] = []
+        answered: set[int] = set()
         for msg in replies:
-            if msg.has_error():
-                rejected.append((msg.metadata.src_node_id, f"client error: {msg.error.reason}"))
+            node = int(msg.metadata.src_node_id)
+            if node in answered or node not in sampled:
+                rejected.append((node, "a second reply this round" if node in answered else "node was not sampled"))
                 continue
-            reason = check_reply(msg.content, expected_shapes)
+            answered.add(node)
+            if msg.has_error():
+                failed.append((node, f"client error: {client_error_summary(msg.error.reason)}"))
+                continue
+            reason, norms = self.review(msg)
             if reason is None:
-                keys = set(next(iter(msg.content.metric_records.values())).keys())
-                metric_keys = keys if metric_keys is None else metric_keys
-                if keys != metric_keys:
-                    reason = f"metric keys differ from the other clients' ({sorted(keys ^ metric_keys)[:3]})"
-            if reason is None:
-                valid.append(msg)
+                valid.append((msg, norms))
             else:
-                rejected.append((msg.metadata.src_node_id, reason))
-                log(WARNING, "round %s: rejected reply from node %s: %s", firm_round, msg.metadata.src_node_id, reason)
-        if not valid:
-            reasons = "; ".join(f"node {n}: {r}" for n, r in rejected) or "no replies arrived"
-            raise FederationError(f"round {firm_round}: no usable client reply ({reasons})")
+                rejected.append((node, reason))
+                log(WARNING, "round %s: rejected reply from node %s: %s", firm_round, node, reason)
+        for node in sorted(sampled - answered):
+            failed.append((node, f"no reply within round_timeout ({self.config.round_timeout:g} s)"))
+        for node, reason in failed:
+            log(WARNING, "round %s: node %s failed: %s", firm_round, node, reason)
+        if len(valid) < self.config.min_clients:
+            reason = f"{len(valid)} usable replies, fewer than min_clients ({self.config.min_clients})"
+            detail = short_reasons(failed + rejected) or "no replies arrived"
+            raise RoundFailed(f"round {firm_round}: {reason} ({detail})",
+                              self.failed_round_record(firm_round, failed, rejected, reason))
 
-        averaged, metrics = super().aggregate_train(server_round, valid)
-        client_arrays = [next(iter(m.content.array_records.values())) for m in valid]
+        client_arrays = [next(iter(m.content.array_records.values())) for m, _ in valid]
+        uploads = [{k: v.numpy() for k, v in record.items()} for record in client_arrays]
+        dtypes = {k: np.dtype(spec[1]) for k, spec in self.expected_upload().items()}
+        aggregate = aggregate_arrays(uploads, self.config.aggregator, self.config.trim_fraction, dtypes)
+        averaged = ArrayRecord({k: Array(v) for k, v in aggregate.items()})
         distances = adapter_drift(client_arrays, averaged)
 
         client_records = []
         lambdas = []
-        for msg, adapter, distance in zip(valid, client_arrays, distances):
+        for (msg, norms), adapter, distance in zip(valid, client_arrays, distances):
             metric = dict(next(iter(msg.content.metric_records.values())))
             lambdas.append(metric["lambda_mean"])
             record = {
@@ -160,9 +332,10 @@ class FirmFedAvg(FedAvg):
                 "round": firm_round,
                 "node_id": int(msg.metadata.src_node_id),
                 **metric,
-                "bytes_down": self._bytes_down,
+                "bytes_down": self._round.bytes_down,
                 "bytes_up": arrayrecord_bytes(adapter),
                 "adapter_distance": distance,
+                "update_norm": max(norms),
             }
             if "samples" in msg.content.config_records:  # opt-in (--sample-responses)
                 samples = msg.content.config_records["samples"]
@@ -174,44 +347,56 @@ class FirmFedAvg(FedAvg):
             "type": "round",
             "round": firm_round,
             "algorithm": self.algorithm,
+            "aggregator": self.config.aggregator,
             "clients": len(valid),
-            "rejected": [{"node_id": int(n), "reason": r} for n, r in rejected],
+            "failed": [{"node_id": n, "reason": r} for n, r in failed],
+            "rejected": [{"node_id": n, "reason": r} for n, r in rejected],
             **{key: float(np.mean([c[key] for c in client_records]))
-               for key in client_records[0] if key.startswith("reward/")},
+               for key in self.schema.metrics if key.startswith("reward/")},
             "kl": float(np.mean([c["kl"] for c in client_records])),
             **lambda_stats,
             "adapter_distance": float(np.mean(distances)),
+            "update_norm": float(np.mean([c["update_norm"] for c in client_records])),
+            "update_bound": self.update_bound(),
             "skipped_steps": int(sum(c["skipped_steps"] for c in client_records)),
-            "bytes_down_per_client": self._bytes_down,
+            "bytes_down_per_client": self._round.bytes_down,
             "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in client_records])),
         }
         self.on_round_end(RoundResult(firm_round, arrays, client_records, round_record))
-        return arrays, metrics if metrics is not None else MetricRecord()
+        return arrays, MetricRecord({"clients": len(valid), "kl": round_record["kl"]})
 
 
 # ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda) ---------------------
 class FsmgdaFedAvg(FirmFedAvg):
     """Each client uploads M adapters (one local update per objective) packed in one
-    ArrayRecord; the server averages them per objective (FedAvg), solves the min-norm problem
-    on the averaged updates and applies the combination. M times FIRM's upload."""
+    ArrayRecord; the server aggregates them per objective, solves the min-norm problem on the
+    aggregated updates and applies the combination. M times FIRM's upload."""
 
-    def __init__(self, *, num_objectives: int, beta: float, preference: list[float], **kwargs: Any):
-        super().__init__(algorithm="fsmgda", **kwargs)
-        self.num_objectives = num_objectives
-        self.beta = beta
-        self.preference = preference
+    def __init__(self, config: FirmConfig, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.num_objectives = len(config.reward_specs())
+        self.beta = config.effective_beta()
+        self.preference = config.preference_vector()
 
-    def expected_upload(self) -> dict[str, tuple[int, ...]] | None:
+    def expected_upload(self) -> dict[str, TensorSpec]:
         single = super().expected_upload()
-        if single is None:
-            return None
         return pack_objectives([single] * self.num_objectives)
 
+    def update_norms(self, upload: dict[str, np.ndarray]) -> list[float]:
+        """One norm per objective's adapter."""
+        reference = self.global_arrays()
+        return [l2_distance(part, reference) for part in split_objectives(upload, self.num_objectives)]
+
     def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
-        assert self._global is not None, "configure_train sets the global adapter"
-        global_adapter = {k: v.numpy().astype(np.float64) for k, v in self._global.items()}
+        global_adapter = {k: v.astype(np.float64) for k, v in self.global_arrays().items()}
         per_objective = split_objectives({k: v.numpy() for k, v in averaged.items()}, self.num_objectives)
         new, weights = fsmgda_combine(global_adapter, per_objective, self.beta, self.preference)
         record = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in new.items()})
         # One lambda, chosen by the server: no client disagreement by construction.
         return record, {"lambda_mean": weights.tolist(), "lambda_std": [0.0] * self.num_objectives}
+
+
+def make_strategy(config: FirmConfig, **kwargs: Any) -> FirmFedAvg:
+    """The strategy the config's algorithm needs."""
+    cls = FsmgdaFedAvg if config.algorithm_spec().per_objective_upload else FirmFedAvg
+    return cls(config, **kwargs)
