@@ -218,7 +218,7 @@ def client_trainer(seed: int, adaptive: bool = True):
     stats.update(torch.randn(5, 2, dtype=torch.float64) / 3)
     kl = AdaptiveKLController(0.05, 6.0, 10000) if adaptive else FixedKLController(0.05)
     kl.update(float(seed) + 0.123456789, 8)
-    return SimpleNamespace(value_head=head, reward_stats=stats, kl_controller=kl)
+    return SimpleNamespace(value_head=head, reward_stats=stats, kl_controller=kl, keeps_optimizer_state=False)
 
 
 def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):

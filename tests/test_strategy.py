@@ -25,7 +25,7 @@ from firm.federation.protocol import (ROUND_KEY, check_metrics, honest_step_ceil
 from firm.federation.strategy import (FederationError, FirmFedAvg, FsmgdaFedAvg, RoundFailed, RoundResult,
                                       aggregate_arrays, arrayrecord_bytes, check_reply, client_error_summary,
                                       wait_for_nodes)
-from firm.trainer import RoundStats, summarize
+from firm.trainer import RoundStats, StepRecord, summarize
 
 TENSOR_SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.lora_A.weight": (4,)}
 # The tests' federation: 3 clients, rollout batches of 8 (so num-examples is at most 8), the
@@ -88,6 +88,12 @@ def make_metrics(lambda_mean: list[float], reward: float, kl: float, num_example
         "num-examples": num_examples,
         "partition-id": 0,
         "kl_coef": 0.05,
+        # per local step: 4 steps, the skipped ones first (zeros, not taken)
+        "step_lambda": [0.0, 0.0] * skipped + list(lambda_mean) * (4 - skipped),
+        "step_gram_distance": [0.5] * 4,
+        "step_cosine": [0.1] * 4,
+        "step_norm_ratio": [0.9] * 4,
+        "step_taken": [0.0] * skipped + [1.0] * (4 - skipped),
     }
 
 
@@ -480,7 +486,8 @@ def test_reply_schema_comes_from_the_config_and_matches_what_clients_send():
     # What firm.trainer.summarize and the client app produce fits the schema exactly.
     stats = RoundStats(scores=[torch.rand(8, 2)], kl_per_sequence=[torch.rand(8)], response_tokens=[torch.ones(8)],
                        lambdas=[np.array([0.3, 0.7])], cosines=[np.array([0.2])], policy_losses=[0.1],
-                       value_losses=[0.2], approx_kls=[0.0], clipfracs=[0.0], steps=1, num_examples=8)
+                       value_losses=[0.2], approx_kls=[0.0], clipfracs=[0.0], steps=1, num_examples=8,
+                       step_records=[StepRecord(np.array([0.3, 0.7]), np.array([0.8]), np.array([0.2]), 0.5, True)])
     metrics = summarize(stats, ["relevance", "civility"]) | {"partition-id": 1, "kl_coef": 0.05}
     assert check_metrics(schema, metrics) is None
     fsmgda = reply_schema(make_config(algorithm="fsmgda"))
@@ -564,3 +571,19 @@ def test_fsmgda_rejects_an_upload_whose_one_objective_adapter_is_too_far():
                                  reply(12, hostile, make_metrics([0.5, 0.5], 0, 0))])
     [rejected] = results[0].round_record["rejected"]
     assert rejected["node_id"] == 12 and "exceeds the bound" in rejected["reason"]
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("step_lambda", [0.5, 0.5] * 3, "step_lambda must be a list of 8 (4 steps)"),
+    ("step_taken", [1.0, 1.0, 1.0, 0.0], "step_taken must hold 4 ones"),
+    ("step_lambda", [0.9, 0.9] * 4, "step_lambda at step 0 is not a probability vector"),
+    ("step_norm_ratio", 0.9, "step_norm_ratio must be a list of 4"),
+])
+def test_per_step_lists_must_match_the_step_counts(key, value, reason):
+    from firm.federation.protocol import check_metrics, reply_schema
+
+    schema = reply_schema(FirmConfig(rewards="a,b", rollout_batch_size=8, num_minibatches=2, ppo_epochs=2),
+                          ["helpful", "harmless"])
+    honest = make_metrics([0.5, 0.5], 1.0, 0.1)
+    assert check_metrics(schema, honest) is None
+    assert reason in check_metrics(schema, {**honest, key: value})

@@ -118,3 +118,32 @@ def test_three_objectives_keep_lambda_on_the_simplex_at_every_step(policy, tiny_
             assert record.weights.shape == (3,) and record.weights.min() >= 0
             assert record.weights.sum() == pytest.approx(1.0)
             assert record.gram_distance.shape == record.cosine.shape == (3,)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_adamw_state_round_trips_through_the_client_state(tiny_llama_config, tiny_tokenizer, tmp_path, in_memory):
+    """optimizer = adamw: the moments a client's AdamW built in round 1 are the ones it starts
+    round 2 with, whether the state lives in a directory or in Flower's node state."""
+    from flwr.app import Context, RecordDict
+
+    from firm.federation.client_app import restore_state, save_state
+
+    config = make_config(optimizer="adamw")
+    trainer = make_trainer(wrap(make_base(tiny_llama_config)), tiny_tokenizer, config)
+    trainer.train_round(make_prompts(), random.Random(0))
+    saved = trainer.optimizer_tensors()
+    assert saved and any(k.endswith(".exp_avg_sq") for k in saved)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    directory = None if in_memory else tmp_path / "client"
+    save_state(context, trainer, directory, firm_round=1)
+
+    fresh = make_trainer(wrap(make_base(tiny_llama_config)), tiny_tokenizer, config)
+    assert fresh.optimizer_tensors() == {}
+    restore_state(context, fresh, directory, firm_round=2)
+    restored = fresh.optimizer_tensors()
+    assert restored.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(restored[key], saved[key], rtol=0, atol=0)
+    reset = make_trainer(wrap(make_base(tiny_llama_config)), tiny_tokenizer, make_config(optimizer="adamw-reset"))
+    restore_state(context, reset, directory, firm_round=2)
+    assert reset.optimizer_tensors() == {}  # adamw-reset starts every round fresh

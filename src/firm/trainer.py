@@ -226,6 +226,25 @@ class FirmLocalTrainer:
             return torch.optim.SGD(groups, lr=self.config.learning_rate)
         return torch.optim.AdamW(groups, lr=self.config.learning_rate)  # adamw / adamw-reset
 
+    @property
+    def keeps_optimizer_state(self) -> bool:
+        """optimizer = adamw: the client keeps AdamW's moments across rounds (saved with its state)."""
+        return self.config.optimizer == "adamw"
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """AdamW's per-parameter state as flat named tensors ("optimizer.<index>.<name>")."""
+        return {f"optimizer.{index}.{name}": value.detach().cpu().contiguous()
+                for index, state in self.optimizer.state_dict()["state"].items() for name, value in state.items()}
+
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+        saved = self.optimizer.state_dict()
+        saved["state"] = state
+        self.optimizer.load_state_dict(saved)  # moves each moment to its parameter's device
+
     # ---- 1. rollout ----------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Prompt]) -> Rollout:

@@ -3,8 +3,8 @@
 Each round it receives the global LoRA adapter and the run's FirmConfig (a ConfigRecord),
 runs the local FIRM update on its own prompt shard and replies with ONE adapter and its
 metrics. What must survive between rounds stays on the node: the critic (value head), the
-running reward statistics and the KL controller (the optimiser starts fresh every round, so it
-has no state to keep). It lives in the node's own directory, one file per round written
+running reward statistics, the KL controller, and AdamW's moments when optimizer = adamw
+(adamw-reset and sgd start every round fresh or have no state). It lives in the node's own directory, one file per round written
 atomically after the round (``round-NNN.safetensors``; it and the one before are kept) and read
 back at the start of the next, so ``--resume`` continues it exactly, even after a crash in the
 middle of a round (round r always starts from the latest state saved before round r):
@@ -36,12 +36,12 @@ from safetensors.torch import save as save_safetensors
 
 from firm.config import FirmConfig
 from firm.errors import FirmError
-from firm.federation.protocol import (NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_VALUE_HEAD, check_metrics,
-                                      config_from_record, reply_schema)
+from firm.federation.protocol import (NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
+                                      check_metrics, config_from_record, reply_schema)
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, load_policy,
                          resolve_device)
-from firm.partition import partition_prompts
+from firm.partition import partition_prompts, split_evaluation
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
 from firm.rundir import CONFIG_FILE, RunDir, atomic_write_bytes
@@ -64,8 +64,10 @@ def get_policy(cfg: FirmConfig):
 
 
 @lru_cache(maxsize=4)
-def cached_shards(source: str, num_partitions: int, scheme: str, alpha: float, seed: int):
-    return partition_prompts(load_prompts(source), num_partitions, scheme=scheme, alpha=alpha, seed=seed)
+def cached_shards(source: str, eval_fraction: float, num_partitions: int, scheme: str, alpha: float, seed: int):
+    """The training shards: the prompt source less its held-out evaluation split, partitioned."""
+    train, _ = split_evaluation(load_prompts(source), eval_fraction)
+    return partition_prompts(train, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
 
 
 def client_shard(cfg: FirmConfig, node_config: dict):
@@ -73,7 +75,8 @@ def client_shard(cfg: FirmConfig, node_config: dict):
         return load_prompts(str(node_config["prompts"]))
     partition_id = int(node_config.get("partition-id", 0))
     num_partitions = int(node_config.get("num-partitions", cfg.num_clients))
-    return cached_shards(cfg.prompts, num_partitions, cfg.partition, cfg.dirichlet_alpha, cfg.seed)[partition_id]
+    return cached_shards(cfg.prompts, cfg.eval_fraction, num_partitions, cfg.partition, cfg.dirichlet_alpha,
+                         cfg.partition_seed)[partition_id]
 
 
 def round_seed(*parts: int) -> int:
@@ -109,6 +112,8 @@ def trainer_state(trainer: FirmLocalTrainer, firm_round: int) -> bytes:
     tensors = {f"value_head.{k}": v.detach().cpu().contiguous() for k, v in trainer.value_head.state_dict().items()}
     tensors["reward_stats.mean"] = torch.tensor(stats["mean"], dtype=torch.float64)
     tensors["reward_stats.var"] = torch.tensor(stats["var"], dtype=torch.float64)
+    if trainer.keeps_optimizer_state:
+        tensors.update(trainer.optimizer_tensors())
     metadata = {"format": STATE_FORMAT, "round": str(firm_round), "reward_count": repr(float(stats["count"])),
                 "kl_controller": json.dumps(trainer.kl_controller.state_dict())}
     return save_safetensors(tensors, metadata=metadata)
@@ -126,6 +131,8 @@ def load_trainer_state(trainer: FirmLocalTrainer, data: bytes, source: str) -> N
                                               "var": tensors["reward_stats.var"].tolist(),
                                               "count": float(metadata["reward_count"])})
         trainer.kl_controller.load_state_dict(json.loads(metadata["kl_controller"]))
+        if trainer.keeps_optimizer_state:
+            trainer.load_optimizer_tensors({k: v for k, v in tensors.items() if k.startswith("optimizer.")})
     except (SafetensorError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
         raise ClientStateError(f"client state {source} cannot be read ({type(err).__name__}: {err}); "
                                "move it away to restart this client's state") from None
@@ -148,6 +155,8 @@ def restore_state(context: Context, trainer: FirmLocalTrainer, directory: Path |
     state = context.state
     if STATE_VALUE_HEAD in state.array_records:
         trainer.value_head.load_state_dict(state.array_records[STATE_VALUE_HEAD].to_torch_state_dict())
+    if trainer.keeps_optimizer_state and STATE_OPTIMIZER in state.array_records:
+        trainer.load_optimizer_tensors(state.array_records[STATE_OPTIMIZER].to_torch_state_dict())
     if STATE_CLIENT in state.config_records:
         saved = state.config_records[STATE_CLIENT]
         trainer.reward_stats.load_state_dict({"mean": list(saved["reward_mean"]), "var": list(saved["reward_var"]),
@@ -166,6 +175,9 @@ def save_state(context: Context, trainer: FirmLocalTrainer, directory: Path | No
         return
     context.state.array_records[STATE_VALUE_HEAD] = ArrayRecord(
         {name: tensor.cpu() for name, tensor in trainer.value_head.state_dict().items()})
+    if trainer.keeps_optimizer_state:
+        context.state.array_records[STATE_OPTIMIZER] = ArrayRecord(
+            {k: v.float() if v.dtype == torch.float64 else v for k, v in trainer.optimizer_tensors().items()})
     stats = trainer.reward_stats.state_dict()
     context.state.config_records[STATE_CLIENT] = ConfigRecord({
         "reward_mean": [float(x) for x in stats["mean"]],

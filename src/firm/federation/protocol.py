@@ -24,6 +24,7 @@ FLOWER_CONFIG_KEYS = ("server-round", ROUND_KEY)
 # The node state that survives between rounds (in memory; on disk see firm.federation.client_app).
 STATE_VALUE_HEAD = "firm.value_head"
 STATE_CLIENT = "firm.client_state"
+STATE_OPTIMIZER = "firm.optimizer"
 # A deployed node's own directory for its state (node config: --node-config "state-dir=PATH").
 NODE_STATE_DIR_KEY = "state-dir"
 # Metrics every reply carries beside the per-objective rewards, as (key, kind): "scalar",

@@ -26,7 +26,7 @@ from firm.config import ConfigError, FirmConfig
 from firm.federation.client_app import app as client_app
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
-from firm.partition import partition_prompts
+from firm.partition import partition_prompts, split_evaluation
 from firm.prompts import load_prompts
 from firm.rewards import parse_reward_spec
 
@@ -35,9 +35,9 @@ def preflight(config: FirmConfig) -> None:
     """Fail before starting Flower (and before creating the run directory) on inputs that
     would otherwise only fail inside a client: prompts, partition, reward specs, policy and
     its LoRA targets and context length, device."""
-    prompts = load_prompts(config.prompts)
-    partition_prompts(prompts, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
-                      seed=config.seed)
+    train, _ = split_evaluation(load_prompts(config.prompts), config.eval_fraction)
+    partition_prompts(train, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
+                      seed=config.partition_seed)
     for spec in config.reward_specs():
         parse_reward_spec(spec)
     check_policy(config.policy)
