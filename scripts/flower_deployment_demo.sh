@@ -115,6 +115,8 @@ export FLWR_HOME="$WORK/flwr-home"
 # for every run (and pulls a multi-GB CUDA torch). The SuperNodes do not install unless asked.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
+# The ServerApp writes run directories only under this root (the SuperLink host's choice).
+export FIRM_RUN_ROOT="$(dirname "$RUN_DIR")"
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 SUPERLINK_PORT="${SUPERLINK_PORT:-$(free_port)}"  # Fleet, Control and Runtime APIs share this port

@@ -89,6 +89,7 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",  # no network
         PATH=f"{SCRIPTS_DIR}{os.pathsep}{env.get('PATH', '')}",
         OMP_NUM_THREADS="1",  # the tests share two cores with the SuperLink and two SuperNodes
+        FIRM_RUN_ROOT=str(flwr_home.parent),  # the ServerApp writes run directories only under the test's folder
         **extra,
     )
     return env

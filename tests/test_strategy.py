@@ -587,3 +587,29 @@ def test_per_step_lists_must_match_the_step_counts(key, value, reason):
     honest = make_metrics([0.5, 0.5], 1.0, 0.1)
     assert check_metrics(schema, honest) is None
     assert reason in check_metrics(schema, {**honest, key: value})
+
+
+def test_a_submitted_run_dir_stays_inside_the_run_root(tmp_path):
+    from firm.federation.server_app import confine_run_dir
+
+    root = tmp_path / "runs"
+    assert confine_run_dir("exp/a", "default", root) == root.resolve() / "exp" / "a"
+    assert confine_run_dir(str(root / "b"), "default", root) == root.resolve() / "b"
+    assert confine_run_dir("", "paper", root).parent == root.resolve()
+    assert confine_run_dir("", "paper", root).name.startswith("paper-")
+    for outside in ("/etc/firm", "../elsewhere", "exp/../../elsewhere"):
+        with pytest.raises(ConfigError, match="outside the run root"):
+            confine_run_dir(outside, "default", root)
+
+
+def test_a_node_decides_its_prompts_and_samples_not_the_server(tmp_path):
+    from firm.federation.client_app import NodePolicyError, client_shard, samples_allowed
+
+    config = make_config(prompts=str(tmp_path / "secret.jsonl"), sample_responses=5)
+    with pytest.raises(NodePolicyError, match="asks this node to read the local file"):
+        client_shard(config, {"partition-id": 0, "num-partitions": 2})
+    assert samples_allowed(config, {}) == 0  # the node never agreed to send samples
+    assert samples_allowed(config, {"sample-responses": 2}) == 2  # the node's cap wins
+    assert samples_allowed(make_config(sample_responses=1), {"sample-responses": 4}) == 1
+    with pytest.raises(NodePolicyError, match="sample-responses must be a whole number"):
+        samples_allowed(config, {"sample-responses": "many"})

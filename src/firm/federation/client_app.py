@@ -15,6 +15,10 @@ middle of a round (round r always starts from the latest state saved before roun
 The node's shard: ``partition-id`` / ``num-partitions`` from the node config (set by the
 simulation engine, or by ``flower-supernode --node-config``) select a partition of the prompt
 source; a node config ``prompts=PATH`` makes the node train on its own file instead.
+
+What only the node decides (its node config; the server cannot override it): which prompt file
+it trains on, whether it reads a local file the server names (``allow-server-paths``), and how
+many prompt/response samples it ever sends (``sample-responses``, default 0).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from safetensors.torch import save as save_safetensors
 
 from firm.config import FirmConfig
 from firm.errors import FirmError
-from firm.federation.protocol import (NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
+from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROMPTS_KEY, NODE_SAMPLES_KEY,
+                                      NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
                                       check_metrics, config_from_record, reply_schema)
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, load_policy,
@@ -46,8 +51,6 @@ from firm.prompts import load_prompts
 from firm.rewards import build_rewards
 from firm.rundir import CONFIG_FILE, RunDir, atomic_write_bytes
 from firm.trainer import FirmLocalTrainer, summarize
-
-app = ClientApp()
 
 @lru_cache(maxsize=1)
 def cached_policy(policy: str, dtype: str, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...],
@@ -70,13 +73,44 @@ def cached_shards(source: str, eval_fraction: float, num_partitions: int, scheme
     return partition_prompts(train, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
 
 
+class NodePolicyError(FirmError, ValueError):
+    """The server asked this node for something only the node may decide."""
+
+
+def is_local_path(source: str) -> bool:
+    return source != "embedded" and not source.startswith("hf:")
+
+
 def client_shard(cfg: FirmConfig, node_config: dict):
-    if "prompts" in node_config:  # a deployed node with its own private prompt file
-        return load_prompts(str(node_config["prompts"]))
+    """The node's prompts: its own file (node config ``prompts``), else its partition of the run's
+    prompt source. A server may name 'embedded' or an hf: data set, but a local file only when
+    the node allows it (``allow-server-paths``): otherwise a server could make the node read any
+    file on it."""
+    if NODE_PROMPTS_KEY in node_config:  # a deployed node with its own private prompt file
+        return load_prompts(str(node_config[NODE_PROMPTS_KEY]))
+    if is_local_path(cfg.prompts) and not node_flag(node_config, NODE_ALLOW_SERVER_PATHS_KEY):
+        raise NodePolicyError(f"the server asks this node to read the local file {cfg.prompts!r}; a node trains on "
+                              f"its own prompts (node config {NODE_PROMPTS_KEY}=PATH) or on 'embedded' / hf: "
+                              f"sources unless its node config sets {NODE_ALLOW_SERVER_PATHS_KEY}=true")
     partition_id = int(node_config.get("partition-id", 0))
     num_partitions = int(node_config.get("num-partitions", cfg.num_clients))
     return cached_shards(cfg.prompts, cfg.eval_fraction, num_partitions, cfg.partition, cfg.dirichlet_alpha,
                          cfg.partition_seed)[partition_id]
+
+
+def node_flag(node_config, key: str) -> bool:
+    return str(node_config.get(key, "false")).strip().lower() in ("true", "1", "yes")
+
+
+def samples_allowed(cfg: FirmConfig, node_config) -> int:
+    """Prompt/response pairs this node sends: what the server asks for, capped by what the node's
+    own config allows (``sample-responses``, default 0: prompts are the node's private data)."""
+    try:
+        allowed = int(node_config.get(NODE_SAMPLES_KEY, 0))
+    except (TypeError, ValueError):
+        raise NodePolicyError(f"node config {NODE_SAMPLES_KEY} must be a whole number, "
+                              f"got {node_config.get(NODE_SAMPLES_KEY)!r}") from None
+    return max(0, min(cfg.sample_responses, allowed))
 
 
 def round_seed(*parts: int) -> int:
@@ -215,20 +249,44 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     mismatch = check_metrics(reply_schema(cfg, [r.name for r in rewards]), metrics)
     if mismatch is not None:  # the server would reject this reply: a bug on this side, say it here
         raise RuntimeError(f"this client's reply does not fit the reply schema: {mismatch}")
-    return upload, metrics, stats.samples[: cfg.sample_responses]
+    return upload, metrics, stats.samples[: samples_allowed(cfg, context.node_config)]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train_reply(msg: Message, context: Context) -> Message:
+    """One round: validate the server's config (a clear rejection when it is invalid or asks for
+    what only the node decides), train, reply with one adapter, metrics and, if the node allows
+    it, samples."""
     config_record = msg.content["config"]
     try:
-        cfg = config_from_record(config_record)
+        cfg = config_from_record(config_record).validate()
         global_adapter = msg.content["arrays"].to_torch_state_dict()
         adapter, metrics, samples = run_local_update(cfg, global_adapter, context, int(config_record[ROUND_KEY]))
     except FirmError as err:  # a known failure (bad config, unreadable state): one line for the server's record
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
                        reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(adapter), "metrics": MetricRecord(metrics)})
-    if samples:  # opt-in: prompts are the client's private data
+    if samples:  # opt-in on both sides: prompts are the client's private data
         content["samples"] = ConfigRecord({"prompts": [p for p, _ in samples], "responses": [r for _, r in samples]})
     return Message(content=content, reply_to=msg)
+
+
+def make_client_app(node_defaults: dict) -> ClientApp:
+    """A ClientApp whose nodes take ``node_defaults`` as their own node config where Flower's
+    gives none: how `firm train`, which owns every simulated node, states the node-side choices
+    (samples allowed, server-named prompt files allowed)."""
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        context.node_config = {**node_defaults, **dict(context.node_config)}
+        return train_reply(msg, context)
+
+    return client
+
+
+app = ClientApp()  # a deployed node: its node config alone decides (flower-supernode --node-config)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return train_reply(msg, context)

@@ -27,6 +27,10 @@ STATE_CLIENT = "firm.client_state"
 STATE_OPTIMIZER = "firm.optimizer"
 # A deployed node's own directory for its state (node config: --node-config "state-dir=PATH").
 NODE_STATE_DIR_KEY = "state-dir"
+# Node-side choices (node config keys) the server cannot override.
+NODE_PROMPTS_KEY = "prompts"
+NODE_SAMPLES_KEY = "sample-responses"
+NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
 # Metrics every reply carries beside the per-objective rewards, as (key, kind): "scalar",
 # "objectives" (a list of M) or "pairs" (a list of M(M-1)/2). firm.trainer.summarize writes them;
 # the client app adds partition-id and kl_coef.

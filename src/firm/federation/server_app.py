@@ -10,7 +10,9 @@ Two ways in:
 
 from __future__ import annotations
 
+import os
 from logging import ERROR, INFO
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
-from firm.config import FirmConfig
+from firm.config import ConfigError, FirmConfig
 from firm.federation.protocol import config_from_run_config, config_to_record
 from firm.federation.strategy import FederationError, RoundFailed, RoundResult, make_strategy
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
@@ -30,12 +32,30 @@ from firm.tracking import make_reporters
 RoundCallback = Callable[[RoundResult], None]
 
 
+# Under `flwr run` the run-dir comes from whoever submits the run; the SuperLink host's operator
+# confines it to one root directory (default: ./runs where the ServerApp process starts).
+RUN_ROOT_ENV = "FIRM_RUN_ROOT"
+
+
+def confine_run_dir(requested: str, preset: str, root: Path) -> Path:
+    """The run directory a submitted run may use: ``requested`` resolved inside ``root`` (a
+    relative path is taken under it; '' gives root/<preset>-<time>); anything that resolves
+    outside the root is refused."""
+    root = root.resolve()
+    path = (root / requested).resolve() if requested else root / Path(default_run_dir(preset)).name
+    if not path.is_relative_to(root):
+        raise ConfigError(f"run-dir {requested!r} is outside the run root {root} that this SuperLink host allows "
+                          f"(set {RUN_ROOT_ENV} there to change it)")
+    return path
+
+
 def run_dir_from_run_config(context: Context) -> RunDir:
     config = config_from_run_config(context.run_config)
-    if config.run_dir and (RunDir(config.run_dir).path / STATE_FILE).exists():
-        return RunDir.open(config.run_dir)
     preset = str(context.run_config.get("preset", "default"))
-    return RunDir.create(config.run_dir or default_run_dir(preset), config)
+    path = confine_run_dir(config.run_dir, preset, Path(os.environ.get(RUN_ROOT_ENV, "runs")))
+    if (path / STATE_FILE).exists():
+        return RunDir.open(path)
+    return RunDir.create(path, config)
 
 
 def initial_global_model(config: FirmConfig, run: RunDir):

@@ -23,7 +23,8 @@ from flwr.simulation import run_simulation as flwr_run_simulation
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from firm.config import ConfigError, FirmConfig
-from firm.federation.client_app import app as client_app
+from firm.federation.client_app import make_client_app
+from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_SAMPLES_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
 from firm.partition import partition_prompts, split_evaluation
@@ -84,6 +85,8 @@ def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
     logger = FLOWER_LOGGER
     logger.addFilter(banner_filter)
     try:
+        # `firm train` owns every simulated node, so its settings are also the nodes' own choices.
+        client_app = make_client_app({NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true"})
         flwr_run_simulation(server_app=make_server_app(str(run_path), on_round), client_app=client_app,
                             num_supernodes=config.num_clients,
                             backend_config=simulation_backend_config(config, os.cpu_count() or 1, verbose),
