@@ -365,6 +365,17 @@ def build_config(preset: str = "default", overrides: dict[str, Any] | None = Non
     return FirmConfig.from_dict(values).validate()
 
 
+INPUTS_TEXT = """- `--policy`: `embedded`, a hub id (when the hub is reachable) or a local model directory.
+- `--prompts`: `embedded` (300 prompts: 60% ordinary requests in 10 categories, 40% requests a
+  careful assistant declines, in 10 categories), HH-RLHF transcripts (`{"chosen": "\\n\\nHuman: ..."}`),
+  prompt records (`{"prompt": ...}`) or instruction lists (`{"instruction": ...}`) as
+  .json/.jsonl/.jsonl.gz, or `hf:<dataset>[:split]`.
+- `--rewards`, one per objective: `embedded:helpful`, `embedded:harmless`, `hf:<hub id or dir>` (a
+  sequence-classification reward model fed `"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"`), a
+  directory written by `firm reward fit`, `relevance` or `civility` (offline proxies).
+"""
+
+
 def config_reference_markdown() -> str:
     """docs/configuration.md, generated from FirmConfig, the presets and the algorithm registry
     (scripts/generate_config_files.py writes it; a test keeps them equal)."""
@@ -390,6 +401,7 @@ def config_reference_markdown() -> str:
     for a in ALGORITHMS.values():
         lines.append(f"| `{a.name}` | {a.summary} | {'yes' if a.uses_beta else 'no'} | "
                      f"{'M (one per objective)' if a.per_objective_upload else '1'} |")
+    lines += ["", "## Inputs", "", *INPUTS_TEXT.strip().splitlines()]
     lines += ["", "## Presets", "", "| preset | overrides |", "| --- | --- |"]
     for name, values in PRESETS.items():
         shown = ", ".join(f"`{k.replace('_', '-')}={v!r}`" for k, v in values.items()) or "(the defaults)"
