@@ -42,22 +42,28 @@ def reward_names(records: list[dict]) -> list[str]:
 
 
 def plot_rewards(rounds: list[dict], clients: list[dict], names: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    """One panel per objective's reward, then the KL to the reference and the response length
+    beside them (a reward that rises with the length or the KL says what it bought)."""
+    panels = [(f"reward/{n}", f"reward: {n}", "mean raw reward of sampled responses") for n in names]
+    panels += [("kl", "KL to the reference", "nats per response"), ("response_tokens", "response length", "tokens")]
+    panels = [panel for panel in panels if any(panel[0] in c for c in clients)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
     per_client: dict[int, list[dict]] = defaultdict(list)
     for c in clients:
         per_client[c["partition-id"]].append(c)
-    for ax, name in zip(axes[0], names):
-        key = f"reward/{name}"
+    for ax, (key, title, ylabel) in zip(axes[0], panels):
         for pid, recs in sorted(per_client.items()):
-            recs = sorted(recs, key=lambda r: r["round"])
+            recs = sorted((r for r in recs if key in r), key=lambda r: r["round"])
             ax.plot([r["round"] for r in recs], [r[key] for r in recs], lw=0.8, alpha=0.45, marker=".",
                     label=f"client {pid}")
-        ax.plot([r["round"] for r in rounds], [r[key] for r in rounds], color="black", lw=2.2, marker="o",
+        means = [(r["round"], np.mean([c[key] for c in clients if c["round"] == r["round"] and key in c]))
+                 for r in rounds if any(c["round"] == r["round"] and key in c for c in clients)]
+        ax.plot([x for x, _ in means], [y for _, y in means], color="black", lw=2.2, marker="o",
                 label="mean over clients")
-        ax.set_title(f"reward: {name}")
+        ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("mean raw reward of sampled responses")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
     save_figure(fig, path, dpi=110)
