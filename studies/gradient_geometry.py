@@ -36,24 +36,12 @@ from firm.mgda import solve_weights
 from firm.models import MultiObjectiveValueHead, adapter_state, load_adapter_state
 from firm.prompts import load_embedded_prompts
 from firm.rewards import build_rewards
-from firm.trainer import FirmLocalTrainer, RoundStats, gram_geometry
+from firm.trainer import FirmLocalTrainer, gram_geometry
 
 BETAS = (0.0, 0.01, 0.1, 1.0)
 SETTINGS = {"normalised (default)": {"normalize_rewards": True, "whiten_advantages": True},
             "raw rewards and advantages": {"normalize_rewards": False, "whiten_advantages": False}}
 GROUPS = ("decline", "ordinary")
-
-
-class GramRecorder(FirmLocalTrainer):
-    """A FIRM trainer that keeps every Gram matrix it solves."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.grams: list[np.ndarray] = []
-
-    def objective_weights(self, gram: np.ndarray) -> np.ndarray:
-        self.grams.append(gram.copy())
-        return super().objective_weights(gram)
 
 
 def type_grams(group: str, setting: dict, batches: int, batch_size: int, seed: int, policy, tokenizer,
@@ -63,13 +51,15 @@ def type_grams(group: str, setting: dict, batches: int, batch_size: int, seed: i
                                       "learning_rate": 0.0, **setting})
     load_adapter_state(policy, start)
     value_head = MultiObjectiveValueHead(policy.get_base_model().config.hidden_size, len(rewards))
-    trainer = GramRecorder(policy, tokenizer, value_head, rewards, config)
+    trainer = FirmLocalTrainer(policy, tokenizer, value_head, rewards, config)
     shard = [p for p in load_embedded_prompts() if p.group == group]
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    grams = []
     for _ in range(batches):
-        trainer.train_round(shard, rng)  # one rollout, one step at lr 0: the gradients, no update
-    return trainer.grams
+        stats = trainer.train_round(shard, rng)  # one rollout, one step at lr 0: the gradients, no update
+        grams += [record.gram for record in stats.step_records if record.taken]
+    return grams
 
 
 def describe(values: list[float]) -> dict[str, float]:

@@ -24,22 +24,10 @@ from firm.mgda import solve_weights
 from firm.models import MultiObjectiveValueHead
 from firm.prompts import load_embedded_prompts
 from firm.rewards import build_rewards
-from firm.trainer import FirmLocalTrainer, RoundStats
+from firm.trainer import FirmLocalTrainer
 
 PREFERENCES = [0.1, 0.3, 0.5, 0.7, 0.9]
 BETAS = [0.0, 0.01, 0.1, 1.0, 10.0]
-
-
-class GramRecorder(FirmLocalTrainer):
-    """A FIRM trainer that keeps every Gram matrix it solves."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.grams: list[np.ndarray] = []
-
-    def objective_weights(self, gram: np.ndarray) -> np.ndarray:
-        self.grams.append(gram.copy())
-        return super().objective_weights(gram)
 
 
 def main() -> None:
@@ -52,11 +40,11 @@ def main() -> None:
     policy, tokenizer = get_policy(config)
     rewards = build_rewards(config.reward_specs())
     value_head = MultiObjectiveValueHead(policy.get_base_model().config.hidden_size, len(rewards))
-    trainer = GramRecorder(policy, tokenizer, value_head, rewards, config)
-    trainer.train_round(load_embedded_prompts(), random.Random(args.seed))
+    trainer = FirmLocalTrainer(policy, tokenizer, value_head, rewards, config)
+    stats = trainer.train_round(load_embedded_prompts(), random.Random(args.seed))
 
     report = []
-    for gram in trainer.grams:
+    for gram in [record.gram for record in stats.step_records if record.taken]:
         a = gram / np.trace(gram)
         d = a[0, 0] - 2 * a[0, 1] + a[1, 1]
         row = {"cosine": float(gram[0, 1] / np.sqrt(gram[0, 0] * gram[1, 1])), "d": float(d),

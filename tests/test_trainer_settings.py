@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from firm.mgda import solve_weights
 from firm.ppo import kl_penalty_loss
 from firm.trainer import RoundStats, gram_geometry, summarize
 from test_trainer import (ConstantReward, LengthReward, LetterEReward, RecordingTrainer, make_config, make_prompts,
@@ -95,6 +96,9 @@ def test_per_step_records_have_one_entry_per_local_step(policy, tiny_tokenizer):
     np.testing.assert_allclose(lam.sum(1), 1.0)
     assert all(0 <= d <= 2 for d in metrics["step_gram_distance"])
     assert all(0 <= r <= 1 for r in metrics["step_norm_ratio"])
+    for record in stats.step_records:  # each step keeps the Gram matrix its weights were solved on
+        if record.taken:
+            np.testing.assert_allclose(record.weights, solve_weights(record.gram, config.beta), atol=1e-12)
 
 
 def test_gram_geometry_matches_its_definition():

@@ -97,6 +97,7 @@ class StepRecord:
     cosine: np.ndarray  # cos(g_i, g_j) per objective pair
     norm_ratio: float  # smallest / largest gradient norm, in [0, 1]
     taken: bool
+    gram: np.ndarray | None = None  # G = [g_i . g_j] the weights were solved on (None when skipped)
 
 
 def gram_geometry(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -339,7 +340,8 @@ class FirmLocalTrainer:
         stats.lambdas.append(weights)
         distance, cosine, norm_ratio = gram_geometry(gram)
         stats.cosines.append(cosine)
-        stats.step_records.append(StepRecord(np.asarray(weights, dtype=np.float64), distance, cosine, norm_ratio, True))
+        stats.step_records.append(StepRecord(np.asarray(weights, dtype=np.float64), distance, cosine, norm_ratio, True,
+                                             gram))
         stats.policy_losses.append(float(torch.dot(torch.from_numpy(weights).to(losses), losses.detach())))
         stats.value_losses.append(float(value_loss.detach()))
         stats.approx_kls.append(float(pg_stats["approx_kl"]))
