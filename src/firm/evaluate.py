@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from firm.checks import check_adapter, check_context, check_reward_spec
 from firm.config import EVAL_SEED, ConfigError, FirmConfig
-from firm.models import load_policy, resolve_device
+from firm.models import check_policy, load_policy, resolve_device
 from firm.partition import split_evaluation
 from firm.prompts import Prompt, load_prompts
 from firm.rewards import build_rewards
@@ -81,8 +82,8 @@ class EvalConfig:
             raise ConfigError(f"split must be one of {EVAL_SPLITS}, got {self.split!r}")
         if self.show_samples < 0:
             raise ConfigError(f"show_samples must be >= 0, got {self.show_samples}")
-        if self.adapter is not None and not (Path(self.adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{self.adapter} is not a peft adapter directory (adapter_config.json missing)")
+        if self.adapter is not None:
+            check_adapter(self.adapter)
         return self
 
 
@@ -122,6 +123,10 @@ def evaluate(cfg: EvalConfig) -> dict:
                          temperature=cfg.temperature, device=cfg.device).validate()
     torch_device = resolve_device(run_cfg.device)
     prompt_set = evaluation_prompts(cfg)
+    for spec in run_cfg.reward_specs():  # everything checked before the first model loads
+        check_reward_spec(spec)
+    check_policy(policy)
+    check_context(policy, run_cfg.max_prompt_tokens, run_cfg.max_new_tokens)
     reward_models = build_rewards(run_cfg.reward_specs(), device=str(torch_device))
     model, tokenizer = load_policy(policy, run_cfg.dtype)
     if cfg.adapter is not None:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from firm.config import FirmConfig
+from firm.config import ConfigError, FirmConfig
 from firm.errors import FirmError
 
 CONFIG_FILE = "config.json"
@@ -131,7 +131,12 @@ class RunDir:
         run = cls(path)
         if (run.path / STATE_FILE).exists() or (run.path / METRICS_FILE).exists():
             raise RunDirError(f"{run.path} already holds a run; use --resume {run.path} or another --run-dir")
-        run.path.mkdir(parents=True, exist_ok=True)
+        if run.path.exists() and not run.path.is_dir():
+            raise RunDirError(f"run directory {run.path} is a file, not a folder")
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"run directory {run.path} cannot be created: {err.strerror}") from None
         config.run_dir = str(run.path)
         run.save_config(config)
         run.write_state(completed_rounds=0)
@@ -148,16 +153,27 @@ class RunDir:
         return run
 
     def config(self) -> FirmConfig:
-        return FirmConfig.load(self.path / CONFIG_FILE)
+        path = self.path / CONFIG_FILE
+        config = FirmConfig.load(path)
+        try:
+            return config.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def save_config(self, config: FirmConfig) -> None:
         atomic_write_text(self.path / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
 
     def state(self) -> dict[str, Any]:
+        path = self.path / STATE_FILE
         try:
-            return json.loads((self.path / STATE_FILE).read_text())
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"{self.path / STATE_FILE} is corrupt: {err}") from None
+            state = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RunDirError(f"{path} is corrupt: {err}") from None
+        done = state.get("completed_rounds") if isinstance(state, dict) else None
+        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+            raise RunDirError(f"{path} is corrupt: expected an object whose completed_rounds is a whole number "
+                              f">= 0, got {json.dumps(state)[:80]}")
+        return state
 
     @property
     def completed_rounds(self) -> int:

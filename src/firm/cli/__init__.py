@@ -18,6 +18,7 @@ from firm.cli import experiments as experiments_cli
 from firm.cli import reward as reward_cli
 from firm.cli import synthetic as synthetic_cli
 from firm.cli import train as train_cli
+from firm.cli.flags import OneLineParser, UsageError
 from firm.errors import FirmError
 
 # Input errors are one line and exit code 2; every other exception is a bug and keeps its
@@ -26,8 +27,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FirmError, FileNotFoundError, Co
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="firm", description="FIRM: federated in-client regularized "
-                                                              "multi-objective alignment")
+    parser = OneLineParser(prog="firm", description="FIRM: federated in-client regularized "
+                                                    "multi-objective alignment")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train_cli, eval_cli, reward_cli, experiments_cli, synthetic_cli):
         module.add_parser(sub)
@@ -59,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library deprecation chatter (transformers, Ray, click) is not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
+        args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
@@ -71,4 +72,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["build_parser", "main", "USER_ERRORS"]
+__all__ = ["build_parser", "main", "OneLineParser", "UsageError", "USER_ERRORS"]

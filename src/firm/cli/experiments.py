@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from firm.cli.flags import OneLineParser, UsageError, check_output_folder
 from firm.cli.train import add_train_arguments, config_overrides
 from firm.config import ALGORITHMS, PARTITIONS
 from firm.experiments import (HARNESS_FLAGS_COMPARE, HARNESS_FLAGS_PARETO, MIN_SEEDS_FOR_CLAIMS, ExperimentError,
@@ -147,13 +148,13 @@ def check_eval_prompts(value: int) -> None:
 # ---- the flags after -- -----------------------------------------------------------------------
 def parse_train_flags(flags: Sequence[str], owned: Sequence[str]) -> argparse.Namespace:
     """Parse the flags after `--` with `firm train`'s own flags; refuse the ones the harness sets."""
-    parser = argparse.ArgumentParser(prog="firm train")
+    parser = OneLineParser(prog="firm train")
     add_train_arguments(parser)
     try:
         namespace = parser.parse_args(list(flags))
-    except SystemExit:
+    except UsageError as err:
         raise ExperimentError(f"the flags after -- are not valid `firm train` flags: {' '.join(flags)!r} "
-                              "(argparse's message is above)") from None
+                              f"({err})") from None
     taken = [name for name in owned if getattr(namespace, name, None) not in (None, False)]
     if taken:
         names = ", ".join("--" + n.replace("_", "-") for n in taken)
@@ -188,6 +189,7 @@ def experiment_options(experiment: str, args: argparse.Namespace, seeds: list[in
 
 # ---- handlers ---------------------------------------------------------------------------------
 def compare_command(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)
     algorithms = parse_names(args.algorithms, ALGORITHMS, "algorithms")
     partitions = parse_names(args.partitions, PARTITIONS, "partitions")
     seeds = parse_seeds(args.seeds)
@@ -198,6 +200,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def pareto_command(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)
     algorithms = parse_names(args.algorithms, ALGORITHMS, "algorithms")
     if args.partition not in PARTITIONS:
         raise ExperimentError(f"--partition must be one of {', '.join(PARTITIONS)}, got {args.partition!r}")

@@ -3,16 +3,45 @@
 Every field becomes ``--field-name`` with the field's docstring as help and its default shown;
 a flag left out stays None, so only what the user typed overrides a preset or the defaults.
 One mechanism for every command: ``firm train`` (FirmConfig), ``firm reward fit`` (FitConfig),
-``firm synthetic`` (SyntheticConfig).
+``firm synthetic`` (SyntheticConfig). OneLineParser is the parser of every `firm` command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, Collection
 
-from firm.config import coerce, field_docs
+from firm.config import ConfigError, coerce, field_docs
+from firm.errors import FirmError
+
+
+class UsageError(FirmError):
+    """A command line argparse cannot read (an unknown flag, a missing value, a bad choice)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing the usage block and exiting, so a bad
+    command line is one line and exit code 2 like every other input error. Its subparsers are of
+    the same class (argparse's default parser_class is the parent's type)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> None:
+    """Fail before the work, not after it, when an output folder cannot be made: it is a file,
+    or the nearest existing folder above it is a file or not writable."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {path} exists and is not a folder")
+    ancestor = next(p for p in (folder, *folder.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: cannot create a folder there ({ancestor} is a file)")
+    if not os.access(ancestor, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot create a folder there ({ancestor} is not writable)")
 
 
 def flag_name(field_name: str) -> str:

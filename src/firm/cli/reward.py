@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from firm.cli.flags import add_dataclass_flags, dataclass_overrides
+from firm.checks import check_reward_spec
+from firm.cli.flags import add_dataclass_flags, check_output_folder, dataclass_overrides
 from firm.config import ConfigError
 from firm.rewards import RewardModel, build_reward
 from firm.rewards.errors import RewardModelError
@@ -76,6 +77,7 @@ def reward_fit_command(args: argparse.Namespace) -> int:
     """`firm reward fit`: load, split, fit, evaluate held-out pairs, save."""
     _set_threads(args.threads)
     config = fit_config(args)
+    check_output_folder(args.out)
     result = fit_from_source(args.data, args.out, config, test_fraction=args.test_fraction,
                              split_seed=args.split_seed, max_train_pairs=args.max_train_pairs,
                              log=lambda line: print(line, flush=True))
@@ -86,6 +88,9 @@ def reward_fit_command(args: argparse.Namespace) -> int:
 def reward_eval_command(args: argparse.Namespace) -> int:
     """`firm reward eval`: score every pair (or one split side) with any loadable reward."""
     _set_threads(args.threads)
+    for flag, value in (("--bootstrap", args.bootstrap), ("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     pairs = load_pairs(args.data, limit=args.limit)
     if args.split != "all":
         try:
@@ -106,6 +111,7 @@ def reward_eval_command(args: argparse.Namespace) -> int:
 
 def _build_reward(spec: str) -> RewardModel:
     """Whatever ``firm.rewards.build_reward`` accepts (a seam: tests substitute a hand-made reward)."""
+    check_reward_spec(spec)
     return build_reward(spec)
 
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from firm.cli.flags import add_dataclass_flags, dataclass_overrides, flag_name
+from firm.cli.flags import add_dataclass_flags, check_output_folder, dataclass_overrides, flag_name
 from firm.config import ConfigError
 from firm.synthetic.config import SyntheticConfig
 
@@ -46,8 +46,7 @@ def command_line(args: argparse.Namespace) -> str:
 def synthetic_command(args: argparse.Namespace) -> int:
     config = build_synthetic_config(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_output_folder(out)
     # Imported here: matplotlib and the fsmgda module (torch) are not needed for --help or bad flags.
     from firm.synthetic.grid import REGIMES, regime_config, run_configuration
     from firm.synthetic.report import write_configuration, write_grid

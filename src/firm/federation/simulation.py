@@ -22,6 +22,7 @@ from flwr.simulation import run_simulation as flwr_run_simulation
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from firm.checks import check_context, check_reward_spec
 from firm.config import ConfigError, FirmConfig
 from firm.federation.client_app import make_client_app
 from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_SAMPLES_KEY
@@ -29,7 +30,6 @@ from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
 from firm.partition import partition_prompts, split_evaluation
 from firm.prompts import load_prompts
-from firm.rewards import parse_reward_spec
 
 
 def preflight(config: FirmConfig) -> None:
@@ -40,7 +40,7 @@ def preflight(config: FirmConfig) -> None:
     partition_prompts(train, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
                       seed=config.partition_seed)
     for spec in config.reward_specs():
-        parse_reward_spec(spec)
+        check_reward_spec(spec)
     check_policy(config.policy)
     check_policy_settings(config)
     resolve_device(config.device)
@@ -49,11 +49,8 @@ def preflight(config: FirmConfig) -> None:
 def check_policy_settings(config: FirmConfig) -> None:
     """The LoRA target modules exist in the policy, and prompt + response fit its context. Reads
     the policy's config and builds its module tree on the meta device (no weights)."""
+    check_context(config.policy, config.max_prompt_tokens, config.max_new_tokens)
     model_config = AutoConfig.from_pretrained(resolve_policy_path(config.policy))
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit and config.max_prompt_tokens + config.max_new_tokens > limit:
-        raise ConfigError(f"max_prompt_tokens + max_new_tokens = {config.max_prompt_tokens + config.max_new_tokens} "
-                          f"exceeds the policy's context of {limit} tokens")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
