@@ -1,8 +1,9 @@
 """The local FIRM update: one client, one round (read top to bottom).
 
 1. Rollout: sample prompts from the client's shard, render them with the chat template,
-   generate with sampling (KV cache on), and keep per-token log-probs of the current policy and
-   of the reference (the same model with the LoRA adapter disabled), plus the critic's values.
+   sample responses with a KV cache, and keep, from that same sampling pass, the per-token
+   log-probs of the current (behaviour) policy and the hidden states the critic reads; then
+   one forward of the reference (the same model with the LoRA adapter disabled).
 2. Rewards: score every response with each of the M reward models, normalise each objective's
    scores with a running mean/std, add a per-token KL penalty, and run GAE per objective.
 3. PPO epochs over minibatches. Each minibatch does ONE forward pass, builds the M clipped
@@ -16,6 +17,14 @@ Tricks, named: left padding with explicit position ids; log-probs from the tempe
 distribution that was sampled; reward whitening per objective (running stats); advantage
 whitening per objective; clipped value loss on a detached-feature critic; gradient-norm
 clipping of the combined direction; KL penalty at every token, score at the last token.
+
+Speed tricks, all exact (tests/test_fast_paths.py compares each with the slow path; numbers in
+docs/performance.md): no separate old-log-prob forward, the behaviour log-probs and the critic's
+hidden states come out of the sampling pass (equal to a full forward to float rounding); the
+LoRA adapter is merged into the base weights while sampling and the base is restored bit for
+bit after (models.merged_lora); the sampling loop draws exactly the tokens transformers'
+generate() would. Optional: the M per-objective gradients from one vmapped backward
+(``batched_objective_gradients``) instead of M backward passes.
 """
 
 from __future__ import annotations
