@@ -404,8 +404,8 @@ def run_variants(args, config, unit, repeats: int) -> dict:
             if repeat:  # the first round is warm-up
                 seconds[name].append(time.perf_counter() - t0)
                 rates[name].append(positions / seconds[name][-1])
-    result = {name: {"seconds": statistics.median(seconds[name]), "tokens_per_s": statistics.median(rates[name])}
-              for name in variants}
+    result = {name: {"seconds": statistics.median(seconds[name]), "tokens_per_s": statistics.median(rates[name]),
+                     "all_seconds": [round(x, 2) for x in seconds[name]]} for name in variants}
 
     if hasattr(trainer_module, "objective_gradients"):  # per-objective gradients: M passes vs one vmapped pass
         from firm.trainer import objective_gradients, policy_forward
@@ -433,7 +433,7 @@ def run_variants(args, config, unit, repeats: int) -> dict:
                 if repeat:
                     timings[f"forward + M backward, batched={batched}"].append(time.perf_counter() - t0)
         for name, values in timings.items():
-            result[name] = {"seconds": statistics.median(values)}
+            result[name] = {"seconds": statistics.median(values), "all_seconds": [round(x, 2) for x in values]}
         if len(grads) == 2:
             result["batched gradients max abs difference"] = float((grads[True] - grads[False]).abs().max())
     from firm.models import load_adapter_state
@@ -471,7 +471,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", default="firm,fixed", help="comma-separated: firm, fixed")
+    parser.add_argument("--modes", default="firm,fixed", help="comma-separated: firm, fixed ('' for none)")
     parser.add_argument("--anchor", choices=("none", "trl"), default="none")
     parser.add_argument("--variants", action="store_true", help="also time each generation/gradient trick alone")
     parser.add_argument("--no-merge", action="store_true", help="sample with the LoRA unmerged")
@@ -496,13 +496,14 @@ def main() -> None:
     batches = prompt_batches(unit[4], args.batch_size, args.steps + 1, args.seed)
     classes = {"firm": FirmLocalTrainer, "fixed": fixed_weight_trainer_class(FirmLocalTrainer)}
     results = {}
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):
         results[mode] = run_mode(mode, classes[mode], args, config, unit, batches)
     trl = run_trl(args, config, unit, args.steps + 1) if args.anchor == "trl" else None
     variants = run_variants(args, config, unit, max(1, args.steps)) if args.variants else None
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    print_table(results, trl)
+    if results or trl:
+        print_table(results, trl)
     ratios = {}
     if "firm" in results and "fixed" in results:
         ratios["firm update / fixed-weight single-backward update"] = (
