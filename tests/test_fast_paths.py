@@ -198,3 +198,26 @@ def test_sample_with_top_p_draws_the_tokens_transformers_generate_draws(policy, 
         torch.manual_seed(seed)
         tokens, _, _ = sample(policy, enc.input_ids, enc.attention_mask, 12, 0.8, 0.7, eos, pad)
         assert torch.equal(tokens, reference[:, enc.input_ids.shape[1]:])
+
+
+def test_rollout_runs_one_full_forward_the_reference(policy, tiny_tokenizer, monkeypatch):
+    """The behaviour log-probs and values come from the sampling pass: the only full forward
+    left in a rollout is the reference's, with the adapter disabled."""
+    import firm.trainer as trainer_module
+
+    trainer = FirmLocalTrainer(policy, tiny_tokenizer, MultiObjectiveValueHead(32, 2),
+                               [LengthReward(), LetterEReward()], make_config())
+    calls = []
+    real_forward = trainer_module.policy_forward
+
+    def spy(model, *args, **kwargs):
+        calls.append(any(getattr(m, "disable_adapters", False) for m in model.modules()))
+        return real_forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "policy_forward", spy)
+    torch.manual_seed(0)
+    rollout = trainer.rollout(make_prompts()[:4])
+    assert calls == [True]
+    assert rollout.logprobs.shape == rollout.response_mask.shape
+    assert rollout.values.shape == (*rollout.response_mask.shape, 2)
+    assert torch.equal(rollout.logprobs, rollout.logprobs * rollout.response_mask)
