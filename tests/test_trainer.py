@@ -225,9 +225,13 @@ def test_update_direction_is_lambda_weighted_sum_of_objective_gradients(policy, 
     def spy_grad(outputs, inputs, *args, **kwargs):
         grads = real_grad(outputs, inputs, *args, **kwargs)
         if list(inputs) == lora:
-            objective_grads.append(torch.cat([
-                (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, lora)
-            ]).detach().clone())
+            # one call per objective, or one batched call (is_grads_batched) holding all of them
+            rows = range(len(outputs)) if kwargs.get("is_grads_batched") else [None]
+            for m in rows:
+                objective_grads.append(torch.cat([
+                    (g if g is not None else torch.zeros_like(p))[() if m is None else m].reshape(-1)
+                    for g, p in zip(grads, lora)
+                ]).detach().clone())
         return grads
 
     applied: list[torch.Tensor] = []

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -170,6 +172,36 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: tuple[st
 def lora_parameters(peft_model) -> dict[str, nn.Parameter]:
     """The trainable LoRA tensors, keyed by the names peft's state dict uses."""
     return {name: p for name, p in peft_model.named_parameters() if p.requires_grad and "lora_" in name}
+
+
+@contextmanager
+def merged_lora(peft_model) -> Iterator[None]:
+    """Fold the LoRA adapter into the base weights for the duration of the block (sampling: one
+    matmul per projection instead of three), then give the base back bit for bit.
+
+    peft's unmerge subtracts the delta again, which leaves W + BA - BA, a rounding error away
+    from W; the reference policy (adapter disabled) must stay the exact base, so the original
+    weights are saved before merging and copied back after unmerging. Outside the block the
+    model is exactly what it was. Only float32 bases are merged: in bfloat16 the merged weight
+    rounds W + BA to 8 bits of mantissa, a visible change of the sampled distribution. A model
+    without LoRA layers (or with none active) is left as is.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and not m.merged and m.active_adapters]
+    if (not layers or not hasattr(peft_model, "merge_adapter")
+            or any(m.get_base_layer().weight.dtype != torch.float32 for m in layers)):
+        yield
+        return
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    peft_model.merge_adapter()
+    try:
+        yield
+    finally:
+        peft_model.unmerge_adapter()
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.get_base_layer().weight.copy_(weight)
 
 
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """The local FIRM update: one client, one round (read top to bottom).
 
 1. Rollout: sample prompts from the client's shard, render them with the chat template,
-   generate with sampling (KV cache on), and keep per-token log-probs of the current policy and
-   of the reference (the same model with the LoRA adapter disabled), plus the critic's values.
+   sample responses with a KV cache, and keep, from that same sampling pass, the per-token
+   log-probs of the current (behaviour) policy and the hidden states the critic reads; then
+   one forward of the reference (the same model with the LoRA adapter disabled).
 2. Rewards: score every response with each of the M reward models, normalise each objective's
    scores with a running mean/std, add a per-token KL penalty, and run GAE per objective.
 3. PPO epochs over minibatches. Each minibatch does ONE forward pass, builds the M clipped
@@ -16,10 +17,19 @@ Tricks, named: left padding with explicit position ids; log-probs from the tempe
 distribution that was sampled; reward whitening per objective (running stats); advantage
 whitening per objective; clipped value loss on a detached-feature critic; gradient-norm
 clipping of the combined direction; KL penalty at every token, score at the last token.
+
+Speed tricks, all exact (tests/test_fast_paths.py compares each with the slow path; numbers in
+docs/performance.md): no separate old-log-prob forward, the behaviour log-probs and the critic's
+hidden states come out of the sampling pass (equal to a full forward to float rounding); the
+LoRA adapter is merged into the base weights while sampling and the base is restored bit for
+bit after (models.merged_lora); the sampling loop draws exactly the tokens transformers'
+generate() would. Optional: the M per-objective gradients from one vmapped backward
+(``batched_objective_gradients``) instead of M backward passes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -31,7 +41,7 @@ from torch import nn
 
 from firm.config import FirmConfig
 from firm.mgda import cosine_similarity_matrix, solve_weights
-from firm.models import MultiObjectiveValueHead, lora_parameters
+from firm.models import MultiObjectiveValueHead, lora_parameters, merged_lora
 from firm.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -148,11 +158,59 @@ class Generation:
     attention_mask: torch.Tensor  # [B, P + T]
     response_mask: torch.Tensor  # [B, T]
     responses: list[str]
+    logprobs: torch.Tensor  # [B, T] log-prob of each sampled token (tempered), 0 after EOS
+    hidden: torch.Tensor  # [B, T, H] last hidden state that predicted each sampled token
 
 
 @torch.no_grad()
-def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig) -> Generation:
-    """Render prompts with the chat template and sample responses (KV cache on)."""
+def sample(model, input_ids, attention_mask, max_new_tokens: int, temperature: float, top_p: float,
+           eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ancestral sampling with a KV cache: [B, T] tokens, the log-prob of each under the tempered
+    distribution softmax(logits / temperature) it was drawn from, and the [B, T, H] last hidden
+    states that predicted them. After a row's EOS it gets pad tokens; the loop stops when every
+    row has finished. Positions skip left padding, as in policy_forward."""
+    batch = input_ids.shape[0]
+    step_ids, mask, positions = input_ids, attention_mask, position_ids_from_mask(attention_mask)
+    cache: dict = {}
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    tokens, logprobs, hidden = [], [], []
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    output_hidden_states=True, logits_to_keep=1, **cache)
+        # transformers >= 5 names the cache `cache`, 4.x `past_key_values`
+        cache = {"cache": out.cache} if getattr(out, "cache", None) is not None else {
+            "past_key_values": out.past_key_values}
+        scores = out.logits[:, -1].float() / temperature
+        step_logprobs = torch.log_softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1)  # as transformers' sampling computes it
+        if top_p < 1.0:
+            probs = _top_p_filter(probs, top_p)
+        next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+        tokens.append(next_tokens)
+        logprobs.append(step_logprobs.gather(-1, next_tokens[:, None]).squeeze(-1))
+        hidden.append(out.hidden_states[-1][:, -1])
+        unfinished &= next_tokens != eos_token_id
+        if not unfinished.any():
+            break
+        step_ids = next_tokens[:, None]
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(hidden, 1)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+
+
+@torch.no_grad()
+def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig, merge_lora: bool = True) -> Generation:
+    """Render prompts with the chat template and sample responses (KV cache on). The behaviour
+    log-probs and the critic's hidden states come out of the same pass (no second forward), and
+    with ``merge_lora`` the adapter is folded into the base while sampling (models.merged_lora)."""
     texts = [tokenizer.apply_chat_template(p.chat_messages(), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
@@ -160,24 +218,36 @@ def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig) -> G
                     add_special_tokens=False)
     policy.eval()
     enc = enc.to(policy.device)
-    generated = policy.generate(
-        input_ids=enc.input_ids,
-        attention_mask=enc.attention_mask,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,  # sample from the full distribution the log-probs describe
-        max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
-    response_ids = generated[:, enc.input_ids.shape[1]:]
+    with merged_lora(policy) if merge_lora else contextlib.nullcontext():
+        response_ids, logprobs, hidden = sample(policy, enc.input_ids, enc.attention_mask, cfg.max_new_tokens,
+                                                cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
+                                                tokenizer.pad_token_id)
     response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
     attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
     lengths = response_mask.sum(-1).long()
     responses = [tokenizer.decode(ids[:n], skip_special_tokens=True).strip() for ids, n in zip(response_ids, lengths)]
-    return Generation(generated, attention_mask, response_mask, responses)
+    return Generation(torch.cat([enc.input_ids, response_ids], dim=1), attention_mask, response_mask, responses,
+                      logprobs * response_mask, hidden)
+
+
+def objective_gradients(losses: torch.Tensor, params: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:
+    """[M, D] float64: row m is the gradient of losses[m] with respect to ``params``, flattened.
+
+    Default: M backward passes through the one graph (retained between them). ``batched``: one
+    vmapped backward with the M unit vectors as grad_outputs (autograd's is_grads_batched);
+    the same numbers, faster or slower depending on the hardware (scripts/bench_step.py).
+    """
+    M = losses.shape[0]
+    if batched:
+        eye = torch.eye(M, dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad(losses, list(params), grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        return torch.cat([(g if g is not None else p.new_zeros((M, *p.shape))).reshape(M, -1)
+                          for g, p in zip(grads, params)], dim=1).double()
+    rows = []
+    for m in range(M):
+        grads = torch.autograd.grad(losses[m], list(params), retain_graph=m < M - 1, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows).double()
 
 
 def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str],
@@ -218,6 +288,9 @@ class FirmLocalTrainer:
             )
         self.kl_controller = kl_controller
         self.optimizer = self.make_optimizer()
+        # Speed switches, exact either way (scripts/bench_step.py --variants measures each).
+        self.merge_lora_for_sampling = True
+        self.batched_objective_gradients = False
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -250,15 +323,15 @@ class FirmLocalTrainer:
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Prompt]) -> Rollout:
         cfg = self.config
-        gen = generate(self.policy, self.tokenizer, prompts, cfg)
+        # One sampling pass yields the tokens, the behaviour log-probs and the critic's inputs.
+        gen = generate(self.policy, self.tokenizer, prompts, cfg, merge_lora=self.merge_lora_for_sampling)
+        values = self.value_head(gen.hidden) * gen.response_mask.unsqueeze(-1)
         T = gen.response_mask.shape[1]
-        logprobs, hidden = policy_forward(self.policy, gen.input_ids, gen.attention_mask, T, cfg.temperature)
-        values = self.value_head(hidden)
         with self.policy.disable_adapter():
             ref_logprobs, _ = policy_forward(self.policy, gen.input_ids, gen.attention_mask, T, cfg.temperature)
         scores = score_responses(self.rewards, prompts, gen.responses, gen.input_ids.device)
-        return Rollout(gen.input_ids, gen.attention_mask, gen.response_mask, logprobs, ref_logprobs, values, scores,
-                       list(prompts), gen.responses)
+        return Rollout(gen.input_ids, gen.attention_mask, gen.response_mask, gen.logprobs, ref_logprobs, values,
+                       scores, list(prompts), gen.responses)
 
     # ---- 2. rewards and advantages -------------------------------------------------------
     def advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,22 +366,16 @@ class FirmLocalTrainer:
                                           rollout.response_length, cfg.temperature)
         losses, pg_stats = clipped_surrogate_losses(logprobs, rollout.logprobs[idx], advantages[idx], mask,
                                                     cfg.clip_range)
-        kl_grad = None
-        if not cfg.kl_in_objectives:  # the KL loss's own gradient, added after the weights are solved
+        # Per-objective gradients from the one graph (one forward, M backward passes). With the KL
+        # outside the objectives (kl_in_objectives = false) its loss is one more row, whose
+        # gradient is added after the weights are solved.
+        rows = losses
+        if not cfg.kl_in_objectives:
             kl_loss = self.kl_controller.value * kl_penalty_loss(logprobs, rollout.ref_logprobs[idx], mask)
-            kl_grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(
-                torch.autograd.grad(kl_loss, self.lora_params, retain_graph=True, allow_unused=True),
-                self.lora_params)]).double()
-
-        # Per-objective gradients from the one graph (M backward passes, one forward).
-        per_objective = []
-        for m in range(self.num_objectives):
-            grads = torch.autograd.grad(losses[m], self.lora_params, retain_graph=m < self.num_objectives - 1,
-                                        allow_unused=True)
-            per_objective.append(torch.cat([
-                (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.lora_params)
-            ]))
-        flat = torch.stack(per_objective).double()  # [M, D]
+            rows = torch.cat([losses, kl_loss.reshape(1)])
+        gradients = objective_gradients(rows, self.lora_params, batched=self.batched_objective_gradients)
+        flat = gradients[: self.num_objectives]  # [M, D]
+        kl_grad = None if cfg.kl_in_objectives else gradients[self.num_objectives]
         values = self.value_head(hidden)
         value_loss, _ = clipped_value_loss(values, rollout.values[idx], returns[idx], mask, cfg.clip_range_value)
 
