@@ -8,8 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from firm.config import ConfigError
 from firm.errors import FirmError
+from firm.models import resolve_policy_path
+from firm.rewards import HF_CONFIG_FILE, parse_reward_spec
+from firm.rewards.descriptor import DESCRIPTOR_FILE, read_descriptor
+from firm.rewards.errors import RewardSpecError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -61,10 +67,6 @@ def check_adapter(adapter: str | Path) -> None:
 def check_reward_spec(spec: str) -> None:
     """The spec names a reward (firm.rewards.parse_reward_spec), and a local model directory's
     config.json or firm_reward.json is readable, so a broken one fails here and not in a client."""
-    from firm.rewards import HF_CONFIG_FILE, parse_reward_spec
-    from firm.rewards.descriptor import DESCRIPTOR_FILE, read_descriptor
-    from firm.rewards.errors import RewardSpecError
-
     parsed = parse_reward_spec(spec)
     folder = Path(parsed.target) if parsed.target else None
     if folder is None or not folder.is_dir():
@@ -78,10 +80,6 @@ def check_reward_spec(spec: str) -> None:
 
 def check_context(policy: str, max_prompt_tokens: int, max_new_tokens: int) -> None:
     """Prompt and response fit the policy's context (reads its config only)."""
-    from transformers import AutoConfig
-
-    from firm.models import resolve_policy_path
-
     limit = getattr(AutoConfig.from_pretrained(resolve_policy_path(policy)), "max_position_embeddings", None)
     if limit and max_prompt_tokens + max_new_tokens > limit:
         raise ConfigError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} "
