@@ -453,7 +453,7 @@ def test_a_node_unavailable_error_from_the_superlink_is_recorded_for_the_dead_no
     record = results[0].round_record
     assert record["rejected"] == [] and record["clients"] == 3
     [failed] = record["failed"]
-    assert failed["node_id"] == 14 and "Node Unavailable" in failed["reason"], failed
+    assert failed["node_id"] == 14 and failed["reason"].startswith("SuperLink: Error: Node Unavailable"), failed
 
 
 def test_a_client_error_is_recorded_as_its_message_without_flowers_traceback():

@@ -305,14 +305,15 @@ class FirmFedAvg(FedAvg):
         answered: set[int] = set()
         for msg in replies:
             node = int(msg.metadata.src_node_id)
-            if msg.has_error() and node not in sampled:  # an error the SuperLink sent for a sampled node
-                node = self._round.destination(msg) or node
+            source = "client error"
+            if msg.has_error() and node not in sampled and self._round.destination(msg) is not None:
+                node, source = self._round.destination(msg), "SuperLink"  # an error it sent for a sampled node
             if node in answered or node not in sampled:
                 rejected.append((node, "a second reply this round" if node in answered else "node was not sampled"))
                 continue
             answered.add(node)
             if msg.has_error():
-                failed.append((node, f"client error: {client_error_summary(msg.error.reason)}"))
+                failed.append((node, f"{source}: {client_error_summary(msg.error.reason)}"))
                 continue
             reason, norms = self.review(msg)
             if reason is None:
