@@ -11,18 +11,25 @@ ClientApp keeps the client state between rounds, and kill processes with SIGKILL
   the 2 dead nodes with the reason in ``failed``; round 2 waits ``node-wait`` seconds for 6 nodes,
   finds 4 connected and runs with them.
 * ``test_superlink_killed_mid_run_and_the_run_resumes``: the SuperLink keeps its state in a SQLite
-  ``--database`` file. Once round 1 is written to the run directory, the SuperLink is killed with
-  the SuperExec and the ServerApp it started (round 2 is in progress on the nodes). A new SuperLink
-  process on the same port, certificates and database finds the node registrations there (same
-  node ids, so node authentication stays on); the SuperNodes, which retry without limit, reconnect
-  by themselves; the same run (same run config and run-dir) is submitted again and resumes after
-  its last completed round: rounds 1..N are in metrics.jsonl exactly once, and each client continues
-  its state (the running reward statistics count keeps growing from where round 1 left it).
+  ``--database`` file. Once round 1 is written to the run directory and both nodes have pulled their
+  round-2 message (their ClientApps are training), the SuperLink is killed with the SuperExec and
+  the ServerApp it started. A new SuperLink process on the same port, certificates and database
+  finds the node registrations there (same node ids, so node authentication stays on); the
+  SuperNodes, which retry without limit, reconnect by themselves; the same run (same run config and
+  run-dir) is submitted again as a new Flower run and resumes after its last completed round: rounds
+  1..N are in metrics.jsonl exactly once, and each client continues its state (the running reward
+  statistics count keeps growing from where round 1 left it, not from an orphaned round-2 state).
+  Flower cannot continue the killed run itself: its ServerApp process is gone, and the restarted
+  SuperLink marks that run ``finished:failed``; FIRM's resume is the run directory's.
+* ``test_superlink_restarted_without_database_forgets_its_nodes``: the limitation that makes
+  ``--database`` necessary: an in-memory SuperLink restarted under authentication has no record of
+  the nodes; it answers them with 401 and they exit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -78,9 +85,9 @@ def wait_for(condition, what: str, logs: list[Path], timeout: float = EVENT_TIME
     raise AssertionError(f"{what} did not happen within {timeout:.0f} s\n{log_tails(logs)}")
 
 
-def received_train_message(log: Path) -> bool:
-    """The SuperNode pulled a train message: it logs this before it starts the ClientApp."""
-    return log.exists() and "Receiving: train message" in log.read_text(errors="replace")
+def train_messages_received(log: Path) -> int:
+    """Train messages the SuperNode pulled: it logs each before it starts its ClientApp."""
+    return log.read_text(errors="replace").count("Receiving: train message") if log.exists() else 0
 
 
 def submit(link: SecureSuperLink, args: list[str], log: Path, stream: bool) -> subprocess.Popen:
@@ -168,7 +175,8 @@ def test_two_supernodes_killed_mid_round(tmp_path: Path, tiny_policy_dir: Path, 
     run = submit(link, run_config_args(run_dir, tiny_policy_dir, settings(num_nodes, 2, min_clients=4)), run_log,
                  stream=True)
     # mid-round: both victims have pulled their round-1 message and started its ClientApp
-    wait_for(lambda: all(received_train_message(logs[i]) for i in victims), "round 1 reaching the victims", all_logs)
+    wait_for(lambda: all(train_messages_received(logs[i]) >= 1 for i in victims), "round 1 reaching the victims",
+             all_logs)
     assert completed_rounds(run_dir) == 0
     killed_at = time.monotonic()
     for i in victims:
@@ -215,15 +223,18 @@ def test_superlink_killed_mid_run_and_the_run_resumes(tmp_path: Path, tiny_polic
 
     first_log = tmp_path / "flwr-run-1.log"
     first = submit(link, args, first_log, stream=False)  # returns once the run is submitted
-    wait_for(lambda: completed_rounds(run_dir) >= 1, "round 1 reaching the run directory", [first_log, link.log, *logs],
-             every=0.5)
+    # mid-run and mid-round: round 1 is in the run directory and both nodes run round 2's ClientApp
+    wait_for(lambda: completed_rounds(run_dir) >= 1 and all(train_messages_received(log) >= 2 for log in logs),
+             "round 2 reaching the nodes", [first_log, link.log, *logs], every=0.5)
     killed = kill_tree(superlink.pid)  # the SuperLink, its SuperExec and the ServerApp
     done_at_kill = completed_rounds(run_dir)
     assert len(killed) >= 3, f"expected SuperLink, SuperExec and ServerApp, killed {killed}"
-    assert done_at_kill < num_rounds
+    assert done_at_kill == 1, done_at_kill
     assert first.wait(timeout=60) == 0, log_tails([first_log])
     states_at_kill = [saved_state(d) for d in state_dirs]
     assert all(state[1] == 2.0 for state in states_at_kill), states_at_kill  # round 1: 2 rows seen
+    # The orphaned round-2 ClientApps may still finish and save a round-2 state that no server ever
+    # aggregated; the resumed round 2 must start from round 1's state regardless (checked below).
 
     # the same SuperLink again: its port, certificates and database
     link, _ = start_secure_superlink(tmp_path, processes, database=database, restart=link,
@@ -255,7 +266,35 @@ def test_superlink_killed_mid_run_and_the_run_resumes(tmp_path: Path, tiny_polic
     for i, state_dir in enumerate(state_dirs):
         assert saved_state(state_dir) == {num_rounds - 1: 2.0 * (num_rounds - 1), num_rounds: 2.0 * num_rounds}, \
             (i, saved_state(state_dir))
-    print(f"\nkilled at {done_at_kill} completed round(s): processes {killed}; runs after restart {statuses}")
+    print(f"\nkilled at {done_at_kill} completed round(s), round 2 running on the nodes: processes {killed}; "
+          f"node states at the kill {states_at_kill}; runs after restart {statuses}")
 
+    assert processes.stop() == []
+    assert_no_process_left(tmp_path)
+
+
+def test_superlink_restarted_without_database_forgets_its_nodes(tmp_path: Path, processes: ProcessTracker) -> None:
+    """Why the SuperLink needs ``--database`` to survive a restart with node authentication on: in
+    memory, the registered keys and node ids die with the process. The restarted SuperLink answers
+    the reconnecting node's requests with HTTP 401, and the SuperNode gives up and exits (Flower
+    1.42 logs the 401 and "SuperNode terminated gracefully"; exit code 0 here): the operator must register its key
+    again and restart it."""
+    link, superlink = start_secure_superlink(tmp_path, processes)
+    key = make_node_key(tmp_path / "node-keys", "supernode-0")
+    node_id = register_supernode(link, key)
+    node, log = start_secure_supernode(link, "supernode-0", 0, key, processes, num_partitions=1)
+    wait_until_online(link, [node_id], [link.log, log])
+
+    kill_tree(superlink.pid)
+    link, _ = start_secure_superlink(tmp_path, processes, restart=link, log_name="superlink-restarted.log")
+    assert list_supernodes(link) == {}, "an in-memory SuperLink starts without any node"
+    try:
+        node.wait(timeout=EVENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the SuperNode kept running\n{log_tails([log, link.log])}") from None
+    assert "SuperNode terminated gracefully" in log.read_text(errors="replace"), log_tails([log])
+    # its first request after the restart (a heartbeat or a pull, whichever comes first) is refused
+    assert re.search(r'"POST /v1/fleet/\S+ HTTP/1.1" 401', link.log.read_text(errors="replace")), log_tails([link.log])
+    assert list_supernodes(link) == {}
     assert processes.stop() == []
     assert_no_process_left(tmp_path)
