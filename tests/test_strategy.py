@@ -436,6 +436,26 @@ def test_client_error_and_timed_out_node_are_recorded_and_the_round_goes_on():
     assert result.round_record["rejected"] == [] and result.round_record["clients"] == 2
 
 
+def test_a_node_unavailable_error_from_the_superlink_is_recorded_for_the_dead_node():
+    """A node that stops sending heartbeats gets its instruction answered by the SuperLink itself:
+    an error reply whose src_node_id is the SuperLink's own id (1), made by Flower's own function.
+    It is traced to the sampled node through the message it replies to, not rejected as a stranger."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    strategy, results = make_strategy(nodes=(11, 12, 13, 14), num_clients=4, round_timeout=90)
+    for msg in strategy._round.sent:  # what the Grid does when it pushes them
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+    sent = {int(m.metadata.dst_node_id): m for m in strategy._round.sent}
+    unavailable = create_message_error_unavailable_res_message(sent[14].metadata, "node_unavail")
+    assert unavailable.metadata.src_node_id == SUPERLINK_NODE_ID
+    strategy.aggregate_train(1, client_replies((11, 12, 13)) + [unavailable])
+    record = results[0].round_record
+    assert record["rejected"] == [] and record["clients"] == 3
+    [failed] = record["failed"]
+    assert failed["node_id"] == 14 and failed["reason"].startswith("SuperLink: Error: Node Unavailable"), failed
+
+
 def test_a_client_error_is_recorded_as_its_message_without_flowers_traceback():
     flower_reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
                      "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"

@@ -192,6 +192,18 @@ class _Round:
 
     sampled: list[int] = field(default_factory=list)
     bytes_down: int = 0
+    # The instructions sent: the Grid gives each its message id when it pushes it, which is how
+    # an error the SuperLink sends on a node's behalf (src_node_id = the SuperLink's own id, e.g.
+    # "Node Unavailable" for a node that stopped sending heartbeats) is traced to that node.
+    sent: list[Message] = field(default_factory=list)
+
+    def destination(self, reply: Message) -> int | None:
+        """The node the instruction that ``reply`` answers was sent to (None: not one of ours)."""
+        reply_to = reply.metadata.reply_to_message_id
+        for msg in self.sent:
+            if reply_to and msg.metadata.message_id == reply_to:
+                return int(msg.metadata.dst_node_id)
+        return None
 
 
 class FirmFedAvg(FedAvg):
@@ -234,9 +246,10 @@ class FirmFedAvg(FedAvg):
         sampled = connected
         if len(connected) > self.config.num_clients:  # never more than the federation's size
             sampled = sorted(random.Random(firm_round).sample(connected, self.config.num_clients))
-        self._round = _Round(sampled=sampled, bytes_down=arrayrecord_bytes(arrays))
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, sampled, MessageType.TRAIN)
+        messages = list(self._construct_messages(record, sampled, MessageType.TRAIN))
+        self._round = _Round(sampled=sampled, bytes_down=arrayrecord_bytes(arrays), sent=messages)
+        return messages
 
     # ---- the expected reply -------------------------------------------------------------------
     def expected_upload(self) -> dict[str, TensorSpec]:
@@ -292,12 +305,15 @@ class FirmFedAvg(FedAvg):
         answered: set[int] = set()
         for msg in replies:
             node = int(msg.metadata.src_node_id)
+            source = "client error"
+            if msg.has_error() and node not in sampled and self._round.destination(msg) is not None:
+                node, source = self._round.destination(msg), "SuperLink"  # an error it sent for a sampled node
             if node in answered or node not in sampled:
                 rejected.append((node, "a second reply this round" if node in answered else "node was not sampled"))
                 continue
             answered.add(node)
             if msg.has_error():
-                failed.append((node, f"client error: {client_error_summary(msg.error.reason)}"))
+                failed.append((node, f"{source}: {client_error_summary(msg.error.reason)}"))
                 continue
             reason, norms = self.review(msg)
             if reason is None:
