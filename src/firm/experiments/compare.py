@@ -51,10 +51,16 @@ def metric_value(summary: dict[str, Any], key: str) -> float | None:
     return summary[head][tail] if tail else summary[key]
 
 
+# Why a metric can be missing from a run's summary, by its head ("smoothness/helpful" -> smoothness).
+MISSING_NOTES = {"smoothness": "needs >= 3 rounds", "step_geometry": "no per-step records"}
+
+
+def missing_note(key: str) -> str:
+    return MISSING_NOTES.get(key.split("/")[0], "not measured")
+
+
 def aggregate_group(results: Sequence[RunResult], keys: Sequence[str]) -> dict[str, Stat]:
-    notes = {"smoothness": "needs >= 3 rounds", "step_geometry": "no per-step records"}
-    return {key: aggregate([metric_value(r.summary, key) for r in results], notes.get(key.split("/")[0], "not measured"))
-            for key in keys}
+    return {key: aggregate([metric_value(r.summary, key) for r in results], missing_note(key)) for key in keys}
 
 
 def constant_lambda_algorithms(groups: Sequence[str]) -> list[str]:
@@ -121,7 +127,7 @@ def paired_verdicts(results: Sequence[RunResult], reference: str, others: Sequen
             a = [metric_value(by_seed[reference][s], key) for s in seeds]
             b = [metric_value(by_seed[other][s], key) for s in seeds]
             if len(seeds) < 2 or any(v is None for v in a + b):
-                why = "needs >= 2 shared seeds" if len(seeds) < 2 else "not measured"
+                why = "needs >= 2 seeds" if len(seeds) < 2 else missing_note(key)
                 cells[(other, key)] = {"verdict": "n/a", "text": f"n/a ({why})"}
                 continue
             rows.append({"metric": key, "a": reference, "b": other, "values_a": a, "values_b": b,
