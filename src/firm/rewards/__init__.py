@@ -46,6 +46,7 @@ from firm.rewards.scorers import (
     load_minilm,
     load_offensive_prob,
 )
+from firm.rewards.trunk import clear_trunks
 
 if TYPE_CHECKING:
     from firm.prompts import Prompt
@@ -216,8 +217,9 @@ def _cached(key: tuple[Hashable, ...], load: Callable[[], T]) -> T:
 
 
 def clear_reward_cache() -> None:
-    """Forget every loaded reward model (frees memory; the next build loads again)."""
+    """Forget every loaded reward model and shared trunk (frees memory; the next build loads again)."""
     _CACHE.clear()
+    clear_trunks()
 
 
 def _build_hf(parsed: ParsedSpec, device: str, batch_size: int, max_length: int) -> RewardModel:

@@ -28,7 +28,9 @@ def model_card(descriptor: dict[str, Any]) -> str:
         f"A Bradley-Terry reward model (higher = more preferred) fitted by `firm reward fit`. "
         + (f"Backbone `{descriptor['backbone']}` ({base}{blocks}, frozen) with a linear head on the last-token "
            f"and mean response states of its top block (L2 {training.get('l2')}, chosen by "
-           f"{training.get('cv_folds')}-fold cross-validation over prompts)" if probe else
+           f"{training.get('cv_folds')}-fold cross-validation over prompts"
+           + (", fitted beside a length covariate that is dropped at scoring" if training.get("length_covariate")
+              else "") + ")" if probe else
            f"Backbone `{descriptor['backbone']}` ({base}{blocks}) with LoRA adapters (r={fit.get('lora_r')}) on "
            f"{'the top ' + str(fit['trainable_layers']) if fit.get('trainable_layers') else 'all'} transformer "
            "blocks and a scalar head on the last token")
@@ -60,6 +62,15 @@ def model_card(descriptor: dict[str, Any]) -> str:
             f"Spearman {_fmt(heldout['length_spearman'])}",
             f"- a reward that only preferred the longer response would score {heldout['longer_chosen_rate']:.3f}",
         ]
+        if heldout.get("length_controlled_accuracy") is not None:
+            lines += [
+                f"- where the chosen response is the shorter one: {_fmt(heldout['chosen_shorter_accuracy'])} "
+                f"({_interval(heldout['chosen_shorter_ci95'])}, {heldout['chosen_shorter_pairs']} pairs); where it "
+                f"is the longer one: {_fmt(heldout['chosen_longer_accuracy'])} "
+                f"({_interval(heldout['chosen_longer_ci95'])}, {heldout['chosen_longer_pairs']} pairs)",
+                f"- length-controlled accuracy (mean of the two): **{_fmt(heldout['length_controlled_accuracy'])}** "
+                f"({_interval(heldout['length_controlled_ci95'])}); the longer-wins rule scores 0.5 on it",
+            ]
     lines += [
         "",
         "## Use",
@@ -84,3 +95,7 @@ def model_card(descriptor: dict[str, Any]) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _interval(bounds: list | None) -> str:
+    return "95% CI n/a" if not bounds or None in bounds else f"95% CI {bounds[0]:.3f}-{bounds[1]:.3f}"

@@ -15,6 +15,7 @@ from firm.rewards.encoding import InputFormat
 from firm.rewards.errors import RewardModelError
 
 HEADS = ("lora", "probe")
+SELECTIONS = ("accuracy", "length-controlled")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class FitConfig:
     """lora: LoRA adapters + scalar head trained end to end; probe: frozen backbone and a linear Bradley-Terry head on its top block"""
     probe_l2: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
     """probe head: comma-separated L2 strengths tried by 5-fold cross-validation over prompts; the best is kept"""
+    length_covariate: bool = False
+    """probe head: fit the log-length difference of the two responses as a covariate of the Bradley-Terry model and drop it at scoring, so that the head learns what predicts preference beyond length (AlpacaEval's length control)"""
+    select_by: str = "accuracy"
+    """probe head: what cross-validation maximises when it picks the L2 strength: accuracy, or length-controlled (the mean of the accuracies where the chosen response is shorter and where it is longer)"""
     epochs: int = 2
     """LoRA head: passes over the training pairs"""
     learning_rate: float = 5e-4
@@ -79,6 +84,10 @@ class FitConfig:
             raise RewardModelError("epochs and pairs per batch must be at least 1")
         if self.head not in HEADS:
             raise RewardModelError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.select_by not in SELECTIONS:
+            raise RewardModelError(f"unknown selection {self.select_by!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.length_covariate and self.head != "probe":
+            raise RewardModelError("the length covariate is fitted by the probe head only (--head probe)")
         if self.chat_template and BACKBONES[self.backbone]["kind"] != "causal-lm":
             raise RewardModelError("the chat template input is for causal-LM backbones only")
         return self

@@ -41,11 +41,18 @@ class FitResult:
     output_dir: Path
 
 
+Fitter = Callable[[Sequence[PreferencePair], FitConfig, Callable[[str], None]],
+                  tuple[FittedRewardModel, dict[str, Any]]]
+
+
 def fit_from_source(data: str, out_dir: str | Path, config: FitConfig, test_fraction: float = 0.2,
                     split_seed: int = 0, max_train_pairs: int | None = None,
-                    log: Callable[[str], None] = print) -> FitResult:
+                    log: Callable[[str], None] = print, fit: Fitter | None = None) -> FitResult:
     """Load pairs, hold out a prompt-disjoint test part, fit, evaluate on that part only,
-    and save the model with its descriptor and card. What ``firm reward fit`` runs."""
+    and save the model with its descriptor and card. What ``firm reward fit`` runs.
+
+    ``fit(train_pairs, config, log)`` replaces ``fit_reward_model`` (a study that fits a head on
+    trunk features it cached passes its own; the split, held-out evaluation and saving stay these)."""
     pairs = load_pairs(data)
     try:
         train, test = split_by_prompt(pairs, test_fraction, split_seed)
@@ -56,7 +63,7 @@ def fit_from_source(data: str, out_dir: str | Path, config: FitConfig, test_frac
         train = random.Random(split_seed).sample(train, max_train_pairs)
     log(f"{data}: {len(pairs)} pairs -> {len(train)} train ({available_train} available), "
         f"{len(test)} held out (by prompt, fraction {test_fraction}, seed {split_seed})")
-    model, _ = fit_reward_model(train, config, log=log)
+    model, _ = (fit or fit_reward_model)(train, config, log)
 
     heldout = None
     if test:
