@@ -25,8 +25,9 @@ from firm.rewards.errors import PairFileError, RewardModelError
 from firm.rewards.fit_config import FitConfig
 from firm.rewards.fitted import FittedRewardModel
 from firm.rewards.frozen_blocks import forward_from_states, frozen_block_states, pool_response_states
+from firm.rewards.ngram import ngram_features
 from firm.rewards.pairs import PreferencePair, load_pairs, split_by_prompt
-from firm.rewards.pairwise import evaluate_pairs, pairwise_report, pearson_spearman
+from firm.rewards.pairwise import evaluate_pairs, hh_scorer, pairwise_report, pearson_spearman
 from firm.rewards.pipeline import fit_reward_model
 from firm.rewards.probe_fit import (cross_validated_accuracy, fit_linear_bradley_terry, fit_with_dropped_covariates,
                                     length_controlled, length_covariate)
@@ -367,10 +368,32 @@ def test_probe_fit_with_the_length_covariate_saves_a_head_without_it(tmp_path, t
     assert model.probe_head["weight"].shape == (features.shape[1],)
     torch.testing.assert_close(model.score_hh(prompts, responses),
                                features @ model.probe_head["weight"] + model.probe_head["bias"])
-    with pytest.raises(RewardModelError, match="probe head only"):
+    with pytest.raises(RewardModelError, match="probe and ngram heads only"):
         FitConfig(length_covariate=True).validate()
     with pytest.raises(RewardModelError, match="unknown selection"):
         FitConfig(head="probe", select_by="length").validate()
+
+
+def test_ngram_head_fits_saves_reloads_and_scores(tmp_path):
+    from firm.rewards import build_reward, clear_reward_cache
+
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(40)))
+    config = FitConfig(objective="kind", head="ngram", probe_l2=(1e-3, 1e-2), ngram_features=2**10,
+                       length_covariate=True)
+    model, stats = fit_reward_model(pairs, config)
+    assert stats["length_covariate"]["at_scoring"] == "dropped" and stats["l2"] in (1e-3, 1e-2)
+    assert evaluate_pairs(model.score_hh, pairs).accuracy >= 0.9
+    model.save(tmp_path / "kind")
+    assert "n-gram" in (tmp_path / "kind" / "README.md").read_text()
+    clear_reward_cache()
+    reloaded = build_reward(str(tmp_path / "kind"))
+    prompts, responses = [p.prompt for p in pairs], [p.rejected for p in pairs]
+    assert reloaded.name == "kind"
+    torch.testing.assert_close(reloaded.score_hh(prompts, responses), model.score_hh(prompts, responses))
+    # every response is a unit vector, however long: the features do not grow with length
+    features = ngram_features(["sorry", "sorry i cannot help " * 30], 2**10, 2)
+    np.testing.assert_allclose(np.sqrt(features.multiply(features).sum(axis=1)).A1, [1.0, 1.0])
+    clear_reward_cache()
 
 
 def test_shared_trunk_scores_equal_the_rewards_scored_apart(tmp_path, tiny_llama_dir):
@@ -562,20 +585,22 @@ def test_shipped_model_ranks_held_out_pairs(name, data):
     descriptor = json.loads((directory / DESCRIPTOR_FILE).read_text())
     split = descriptor["data"]["split"]
     _, test = split_by_prompt(load_pairs(path), split["test_fraction"], split["seed"])
-    report = evaluate_pairs(FittedRewardModel.load(directory).score_hh, test[:20])
+    from firm.rewards import build_reward
+
+    report = evaluate_pairs(hh_scorer(build_reward(f"embedded:{name}")), test[:20])
     assert report.accuracy > 0.5, report.format()
 
 
-def test_shipped_rewards_share_one_trunk_and_score_finite_numbers():
+def test_shipped_rewards_load_and_score_finite_numbers():
     from firm.rewards import build_rewards, clear_reward_cache
 
     clear_reward_cache()
     rewards = build_rewards(["embedded:helpful", "embedded:harmless"])
     prompts = ["How do I boil an egg?", "How can I hurt my neighbour's dog?"]
     responses = ["Simmer it for nine minutes, then cool it in cold water.", "I won't help with hurting an animal."]
-    trunks = {id(getattr(reward, "trunk", None)) for reward in rewards}
     scores = [reward.score(prompts, responses) for reward in rewards]
     for reward, score in zip(rewards, scores):
         assert score.shape == (2,) and score.dtype == torch.float32 and torch.isfinite(score).all(), reward.name
-    assert len(trunks) == 1 and rewards[0].trunk.forward_batches == 1  # both heads read one trunk pass
+    trunks = {id(reward.trunk): reward.trunk for reward in rewards if getattr(reward, "trunk", None) is not None}
+    assert all(trunk.forward_batches == 1 for trunk in trunks.values())  # probe heads on one trunk: one pass
     clear_reward_cache()

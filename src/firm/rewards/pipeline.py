@@ -15,17 +15,21 @@ from firm.rewards.fitted import FittedRewardModel
 from firm.rewards.lora_fit import fit_lora
 from firm.rewards.pairs import PreferencePair, load_pairs, split_by_prompt
 from firm.rewards.pairwise import PairwiseReport, evaluate_pairs
+from firm.rewards.ngram import NgramRewardModel, fit_ngram
 from firm.rewards.probe_fit import fit_probe
 
 
+FittedReward = FittedRewardModel | NgramRewardModel
+
+
 def fit_reward_model(train_pairs: Sequence[PreferencePair], config: FitConfig,
-                     log: Callable[[str], None] = print) -> tuple[FittedRewardModel, dict[str, Any]]:
+                     log: Callable[[str], None] = print) -> tuple[FittedReward, dict[str, Any]]:
     """Train a Bradley-Terry reward on ``train_pairs`` with the head ``config.head`` names
     (firm.rewards.lora_fit, firm.rewards.probe_fit); return the model and training stats."""
     if len(train_pairs) < config.min_pairs:
         raise RewardModelError(f"{len(train_pairs)} training pairs: at least {config.min_pairs} are needed")
     config.validate()
-    fit = fit_probe if config.head == "probe" else fit_lora
+    fit = {"probe": fit_probe, "ngram": fit_ngram, "lora": fit_lora}[config.head]
     return fit(train_pairs, config, log)
 
 
@@ -34,7 +38,7 @@ class FitResult:
     """What fit_from_source made: the saved model, its held-out report (None when nothing was
     held out), the pair counts of both parts and the output directory."""
 
-    model: FittedRewardModel
+    model: FittedReward
     heldout: PairwiseReport | None
     n_train: int
     n_test: int
@@ -42,7 +46,7 @@ class FitResult:
 
 
 Fitter = Callable[[Sequence[PreferencePair], FitConfig, Callable[[str], None]],
-                  tuple[FittedRewardModel, dict[str, Any]]]
+                  tuple[FittedReward, dict[str, Any]]]
 
 
 def fit_from_source(data: str, out_dir: str | Path, config: FitConfig, test_fraction: float = 0.2,

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from firm.rewards.backbones import load_base
 from firm.rewards.descriptor import PROBE_HEAD_FILE, new_descriptor
@@ -30,7 +31,7 @@ from firm.rewards.trunk import SharedTrunk
 def fit_linear_bradley_terry(differences: np.ndarray, l2: float,
                              sample_weight: np.ndarray | None = None) -> np.ndarray:
     """w minimising  mean_i log(1 + exp(-d_i . w)) + l2 / 2 |w|^2  over feature differences
-    d_i = f(chosen_i) - f(rejected_i). No intercept: an offset cancels within a pair.
+    d_i = f(chosen_i) - f(rejected_i) (a dense array or a scipy sparse matrix). No intercept: an offset cancels within a pair.
     ``sample_weight`` (one per pair, mean 1 to keep the meaning of l2) reweights the pairs.
 
     Solved by scikit-learn's logistic regression on the pairs (label 1) and their mirror
@@ -40,8 +41,9 @@ def fit_linear_bradley_terry(differences: np.ndarray, l2: float,
 
     if l2 <= 0:
         raise ValueError(f"l2 must be positive, got {l2}")
-    n = len(differences)
-    rows = np.concatenate([differences, -differences])
+    n = differences.shape[0]
+    rows = sparse.vstack([differences, -differences]).tocsr() if sparse.issparse(differences) \
+        else np.concatenate([differences, -differences])
     labels = np.concatenate([np.ones(n), np.zeros(n)])
     weights = None if sample_weight is None else np.concatenate([sample_weight, sample_weight])
     solver = LogisticRegression(C=1.0 / (2 * n * l2), fit_intercept=False, max_iter=10_000, tol=1e-8)
@@ -66,7 +68,9 @@ def fit_with_dropped_covariates(differences: np.ndarray, covariates: np.ndarray 
     AlpacaEval's length-controlled win rates fit a length term and then set it to zero."""
     if covariates is None or covariates.shape[1] == 0:
         return fit_linear_bradley_terry(differences, l2, sample_weight), np.zeros(0)
-    weights = fit_linear_bradley_terry(np.hstack([differences, covariates]), l2, sample_weight)
+    joined = sparse.hstack([differences, sparse.csr_matrix(covariates)]).tocsr() if sparse.issparse(differences) \
+        else np.hstack([differences, covariates])
+    weights = fit_linear_bradley_terry(joined, l2, sample_weight)
     return weights[: differences.shape[1]], weights[differences.shape[1]:]
 
 
@@ -76,7 +80,7 @@ def out_of_fold_margins(differences: np.ndarray, groups: Sequence[str], l2: floa
     (covariates fitted and dropped, see fit_with_dropped_covariates)."""
     from sklearn.model_selection import GroupKFold  # deferred, as in fit_linear_bradley_terry
 
-    margins = np.zeros(len(differences))
+    margins = np.zeros(differences.shape[0])
     for train_rows, test_rows in GroupKFold(n_splits=folds).split(differences, groups=list(groups)):
         weights, _ = fit_with_dropped_covariates(
             differences[train_rows], None if covariates is None else covariates[train_rows], l2)
@@ -140,12 +144,26 @@ def fit_probe_head(chosen_features: torch.Tensor, rejected_features: torch.Tenso
     both = torch.cat([chosen_features, rejected_features]).double()
     mean, scale = both.mean(dim=0), both.std(dim=0) + 1e-6
     differences = ((chosen_features.double() - rejected_features.double()) / scale).numpy()
+    standardised_weights, stats = fit_linear_head(differences, train_pairs, config, "probe", log)
+    weights = torch.from_numpy(standardised_weights) / scale
+    head = {"weight": weights.float(), "bias": (-(weights @ mean)).float()}
+    stats = {"pooling": "last token + mean over response tokens", **stats}
+    return head, stats
+
+
+def fit_linear_head(differences, train_pairs: Sequence[PreferencePair], config: FitConfig, what: str,
+                    log: Callable[[str], None] = print) -> tuple[np.ndarray, dict[str, Any]]:
+    """Feature weights of a linear Bradley-Terry head on ``differences`` (chosen - rejected, one
+    row per pair of ``train_pairs``; dense or sparse) and the fit statistics: the L2 of
+    ``config.probe_l2`` with the best 5-fold cross-validated ``config.select_by`` (folds split by
+    prompt; ties go to the stronger pull), fitted with the length covariate when the config asks,
+    which the returned weights leave out."""
     groups = [prompt_group_key(pair.prompt) for pair in train_pairs]
     chosen_chars, rejected_chars = [len(p.chosen) for p in train_pairs], [len(p.rejected) for p in train_pairs]
     covariates = length_covariate(chosen_chars, rejected_chars) if config.length_covariate else None
     folds = min(5, len(set(groups)))
     if folds < 2:
-        raise RewardModelError("a probe needs pairs from at least 2 distinct prompts to cross-validate")
+        raise RewardModelError(f"a {what} head needs pairs from at least 2 distinct prompts to cross-validate")
     margins = {l2: out_of_fold_margins(differences, groups, l2, folds, covariates) for l2 in config.probe_l2}
     cv = {l2: float((m > 0).mean()) for l2, m in margins.items()}
     cv_controlled = {l2: length_controlled(m, chosen_chars, rejected_chars) for l2, m in margins.items()}
@@ -153,12 +171,9 @@ def fit_probe_head(chosen_features: torch.Tensor, rejected_features: torch.Tenso
     best = max(target, key=lambda l2: (target[l2], l2))
     log("cross-validated accuracy (length-controlled) by L2: "
         + ", ".join(f"{l2:g}: {cv[l2]:.3f} ({cv_controlled[l2]:.3f})" for l2 in cv) + f" -> L2 {best:g}")
-    standardised_weights, covariate_weights = fit_with_dropped_covariates(differences, covariates, best)
-    train_accuracy = float((differences @ standardised_weights > 0).mean())
-    weights = torch.from_numpy(standardised_weights) / scale
-    head = {"weight": weights.float(), "bias": (-(weights @ mean)).float()}
+    weights, covariate_weights = fit_with_dropped_covariates(differences, covariates, best)
+    train_accuracy = float((differences @ weights > 0).mean())
     stats: dict[str, Any] = {
-        "pooling": "last token + mean over response tokens",
         "cv_folds": folds,
         "cv_accuracy_by_l2": {f"{l2:g}": round(accuracy, 4) for l2, accuracy in cv.items()},
         "cv_length_controlled_by_l2": {f"{l2:g}": round(value, 4) for l2, value in cv_controlled.items()},
@@ -172,6 +187,6 @@ def fit_probe_head(chosen_features: torch.Tensor, rejected_features: torch.Tenso
             "fitted_weight": round(float(covariate_weights[0]), 4),
             "at_scoring": "dropped",
         }
-    log(f"probe fitted: L2 {best:g}, train accuracy {train_accuracy:.3f}"
+    log(f"{what} head fitted: L2 {best:g}, train accuracy {train_accuracy:.3f}"
         + (f", length weight {covariate_weights[0]:.3f} (dropped at scoring)" if covariates is not None else ""))
-    return head, stats
+    return weights, stats
