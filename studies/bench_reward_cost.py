@@ -1,11 +1,14 @@
 """How much does rewarding a rollout batch cost next to generating it?
 
 FIRM scores every sampled batch with each objective's reward model. If scoring cost as
-much as sampling, the rewards would double the price of a PPO step; the target is that
-rewarding a batch takes at most a quarter of the time the default policy took to generate
-it. This script generates a batch of embedded prompts with the default policy and settings
-(``firm.config`` preset "default"), then scores it with each reward, and prints both times
-and their ratio (median over --repeats after a warm-up).
+much as sampling, the rewards would double the price of a PPO step; the target (issue 14) is that
+rewarding a batch with every objective takes at most 0.15 x the time the default policy took to
+generate it. This script generates a batch of embedded prompts with the default policy and
+settings (``firm.config`` preset "default"), then scores it with each reward alone and with all
+of them in turn, as the trainer does, and prints the times and their ratio to generation
+(median over --repeats after a warm-up). Probe rewards on one frozen trunk share its forward
+pass (firm.rewards.trunk); every timed call starts from a cold trunk, so a reward timed alone
+pays for the trunk and the objectives scored after the first one on the same batch do not.
 
     python studies/bench_reward_cost.py                       # the shipped embedded rewards
     python studies/bench_reward_cost.py --rewards embedded:helpful,civility --threads 2
@@ -31,6 +34,7 @@ from firm.prompts import load_embedded_prompts
 from firm.rewards import build_reward
 from firm.rewards.backbones import load_base
 from firm.rewards.fitted import FittedRewardModel
+from firm.rewards.trunk import forget_trunk_features
 from firm.trainer import generate
 
 
@@ -49,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rewards", default=None, help="comma-separated reward specs (default: the config's)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--target", type=float, default=0.15,
+                        help="largest acceptable ratio of scoring (all objectives) to generation time")
     add_generation_flags(parser)
     parser.add_argument("--causal-lm-reward", action="store_true",
                         help="also time a SmolLM2-135M scalar-head reward on the same batch")
@@ -71,14 +77,22 @@ def main() -> None:
           f"{config.max_new_tokens}, temperature {config.temperature} (mean response {mean_words:.0f} words)")
     print(f"generate (policy {config.policy}): {generation_seconds:.2f} s")
 
-    scoring = {spec: median_seconds(lambda r=reward: r.score(prompts, responses), args.repeats)
+    def cold(action):
+        def run():
+            forget_trunk_features()
+            return action()
+        return run
+
+    scoring = {spec: median_seconds(cold(lambda r=reward: r.score(prompts, responses)), args.repeats)
                for spec, reward in rewards.items()}
     for spec, seconds in scoring.items():
-        print(f"score    {spec}: {seconds:.3f} s")
-    total = sum(scoring.values())
+        print(f"score    {spec} alone: {seconds:.3f} s")
+    total = median_seconds(cold(lambda: [reward.score(prompts, responses) for reward in rewards.values()]),
+                           args.repeats)
     ratio = total / generation_seconds
-    verdict = "meets" if ratio <= 0.25 else "misses"
-    print(f"all rewards: {total:.3f} s = {ratio:.3f} x generation ({verdict} the 0.25 target)")
+    verdict = "meets" if ratio <= args.target else "misses"
+    print(f"all rewards in turn (as the trainer scores a batch): {total:.3f} s = {ratio:.3f} x generation "
+          f"({verdict} the {args.target:g} target); the rewards timed alone add up to {sum(scoring.values()):.3f} s")
 
     if args.causal_lm_reward:
         model, reward_tokenizer = load_base("smollm2", None)

@@ -25,10 +25,12 @@ from firm.rewards.errors import PairFileError, RewardModelError
 from firm.rewards.fit_config import FitConfig
 from firm.rewards.fitted import FittedRewardModel
 from firm.rewards.frozen_blocks import forward_from_states, frozen_block_states, pool_response_states
+from firm.rewards.ngram import ngram_features
 from firm.rewards.pairs import PreferencePair, load_pairs, split_by_prompt
-from firm.rewards.pairwise import evaluate_pairs, pairwise_report, pearson_spearman
+from firm.rewards.pairwise import evaluate_pairs, hh_scorer, pairwise_report, pearson_spearman
 from firm.rewards.pipeline import fit_reward_model
-from firm.rewards.probe_fit import cross_validated_accuracy, fit_linear_bradley_terry
+from firm.rewards.probe_fit import (cross_validated_accuracy, fit_linear_bradley_terry, fit_with_dropped_covariates,
+                                    length_controlled, length_covariate)
 
 SHARED_DATA = Path(os.environ.get("FIRM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -326,6 +328,107 @@ def test_cross_validated_accuracy_separates_signal_from_noise():
     assert 0.3 < cross_validated_accuracy(noise, groups, l2=0.1) < 0.7
 
 
+def test_length_covariate_is_fitted_and_dropped_at_scoring():
+    """Preference driven by length (3x) and by content (1x); one feature is mostly length.
+    Fitted beside the length covariate, the features keep only the content: the length-like
+    feature loses its weight to the covariate, and scoring without the covariate leaves a
+    reward whose margins hardly follow length."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    chosen_chars, rejected_chars = rng.integers(50, 2000, n), rng.integers(50, 2000, n)
+    length = length_covariate(chosen_chars, rejected_chars)
+    content = rng.normal(size=n)
+    length_like = length[:, 0] + 0.3 * rng.normal(size=n)
+    differences = np.stack([length_like, content], axis=1)
+    preferred = rng.random(n) < 1 / (1 + np.exp(-(3 * length[:, 0] + content)))
+    sign = np.where(preferred, 1.0, -1.0)[:, None]  # orient every pair chosen-minus-rejected
+    differences, length = differences * sign, length * sign
+    plain = fit_linear_bradley_terry(differences, 1e-4)
+    weights, covariate_weights = fit_with_dropped_covariates(differences, length, 1e-4)
+    assert covariate_weights.shape == (1,) and covariate_weights[0] > 1.5
+    assert plain[0] > 1.5 and abs(weights[0]) < 0.25 * plain[0]
+    assert weights[1] > 0.5
+    dropped_margins, plain_margins = differences @ weights, differences @ plain
+    assert abs(np.corrcoef(dropped_margins, length[:, 0])[0, 1]) < 0.5 * np.corrcoef(plain_margins, length[:, 0])[0, 1]
+    assert np.array_equal(fit_with_dropped_covariates(differences, None, 1e-4)[0], plain)
+
+
+def test_probe_fit_with_the_length_covariate_saves_a_head_without_it(tmp_path, tiny_llama_dir):
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(30)))
+    config = FitConfig(objective="harmless", backbone="smollm2", base_path=str(tiny_llama_dir), head="probe",
+                       probe_l2=(0.01, 0.1), max_length=64, max_response_tokens=16, length_covariate=True,
+                       select_by="length-controlled")
+    model, stats = fit_reward_model(pairs, config)
+    assert stats["length_covariate"]["at_scoring"] == "dropped"
+    assert isinstance(stats["length_covariate"]["fitted_weight"], float)
+    assert set(stats["cv_length_controlled_by_l2"]) == {"0.01", "0.1"}
+    # the head reads the pooled states only: score = weight . features + bias, no length term
+    prompts, responses = [p.prompt for p in pairs], [p.chosen for p in pairs]
+    features = model.trunk.features(model.input_format, prompts, responses)
+    assert model.probe_head["weight"].shape == (features.shape[1],)
+    torch.testing.assert_close(model.score_hh(prompts, responses),
+                               features @ model.probe_head["weight"] + model.probe_head["bias"])
+    with pytest.raises(RewardModelError, match="probe and ngram heads only"):
+        FitConfig(length_covariate=True).validate()
+    with pytest.raises(RewardModelError, match="unknown selection"):
+        FitConfig(head="probe", select_by="length").validate()
+
+
+def test_ngram_head_fits_saves_reloads_and_scores(tmp_path):
+    from firm.rewards import build_reward, clear_reward_cache
+
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(40)))
+    config = FitConfig(objective="kind", head="ngram", probe_l2=(1e-3, 1e-2), ngram_features=2**10,
+                       length_covariate=True)
+    model, stats = fit_reward_model(pairs, config)
+    assert stats["length_covariate"]["at_scoring"] == "dropped" and stats["l2"] in (1e-3, 1e-2)
+    assert evaluate_pairs(model.score_hh, pairs).accuracy >= 0.9
+    model.save(tmp_path / "kind")
+    assert "n-gram" in (tmp_path / "kind" / "README.md").read_text()
+    clear_reward_cache()
+    reloaded = build_reward(str(tmp_path / "kind"))
+    prompts, responses = [p.prompt for p in pairs], [p.rejected for p in pairs]
+    assert reloaded.name == "kind"
+    torch.testing.assert_close(reloaded.score_hh(prompts, responses), model.score_hh(prompts, responses))
+    # every response is a unit vector, however long: the features do not grow with length
+    features = ngram_features(["sorry", "sorry i cannot help " * 30], 2**10, 2)
+    np.testing.assert_allclose(np.sqrt(features.multiply(features).sum(axis=1)).A1, [1.0, 1.0])
+    clear_reward_cache()
+
+
+def test_shared_trunk_scores_equal_the_rewards_scored_apart(tmp_path, tiny_llama_dir):
+    """Two probe objectives on one trunk: one trunk pass for both, the same scores bit for bit."""
+    from firm.rewards import build_rewards, clear_reward_cache
+
+    pairs = load_pairs(write_jsonl(tmp_path / "pairs.jsonl", synthetic_records(30)))
+    flipped = [PreferencePair(p.prompt, p.rejected, p.chosen, p.origin) for p in pairs]
+    directories = []
+    for name, data in (("harmless", pairs), ("harmful", flipped)):
+        config = FitConfig(objective=name, backbone="smollm2", base_path=str(tiny_llama_dir), head="probe",
+                           probe_l2=(0.1,), max_length=64, max_response_tokens=16)
+        directories.append(fit_reward_model(data, config)[0].save(tmp_path / name))
+    batches = [([p.prompt for p in pairs[:7]], [p.chosen for p in pairs[:7]]),
+               ([p.prompt for p in pairs[7:]], [p.rejected for p in pairs[7:]])]
+
+    apart = []
+    for directory in directories:
+        clear_reward_cache()
+        reward = FittedRewardModel.load(directory)
+        apart.append([reward.score(prompts, responses) for prompts, responses in batches])
+    clear_reward_cache()
+    shared = build_rewards([str(directory) for directory in directories])
+    trunk = shared[0].trunk
+    assert shared[1].trunk is trunk
+    for index, (prompts, responses) in enumerate(batches):
+        before = trunk.forward_batches
+        scores = [reward.score(prompts, responses) for reward in shared]
+        assert trunk.forward_batches == before + 1  # one trunk pass for both objectives
+        for objective in range(2):
+            assert torch.equal(scores[objective], apart[objective][index])
+    assert not torch.equal(apart[0][0], apart[1][0])  # two different heads, not one reward twice
+    clear_reward_cache()
+
+
 def test_pool_response_states_takes_the_last_token_and_the_response_mean():
     states = torch.tensor([[1.0, 0.0], [2.0, 4.0], [4.0, 8.0]])
     pooled = pool_response_states(states, [0, 1, 1])
@@ -418,6 +521,36 @@ def test_eval_accuracy_equals_the_hand_count(tmp_path, monkeypatch, capsys):
     assert report["mean_margin"] == pytest.approx((1 + 1 + 1 + 0 - 1) / 5)
     assert report["ci95"][0] <= report["accuracy"] <= report["ci95"][1]
     assert report["longer_chosen_rate"] == pytest.approx((1 + 1 + 1 + 0 + 0.5) / 5)  # "fine" vs "good": a tie
+    # by characters: the first three chosen are longer (all won); "bad" < "worse" (a tie: half a
+    # win); "fine" = "good" belongs to neither stratum
+    assert report["chosen_longer_pairs"] == 3 and report["chosen_longer_accuracy"] == 1.0
+    assert report["chosen_shorter_pairs"] == 1 and report["chosen_shorter_accuracy"] == 0.5
+    assert report["length_controlled_accuracy"] == pytest.approx(0.75)
+    assert report["length_controlled_ci95"][0] <= 0.75 <= report["length_controlled_ci95"][1]
+
+
+def test_length_controlled_accuracy_of_hand_made_pairs():
+    """Chosen longer in 6 pairs (5 won), shorter in 4 (1 won), equal in 2 (both won); 8 of 12 won."""
+    chosen_lengths = [20] * 6 + [5] * 4 + [9, 9]
+    rejected_lengths = [10] * 6 + [15] * 4 + [9, 9]
+    wins = [1, 1, 1, 1, 1, 0] + [1, 0, 0, 0] + [1, 1]
+    report = pairwise_report([1.0 if w else -1.0 for w in wins], [0.0] * 12, chosen_lengths, rejected_lengths,
+                             n_bootstrap=500)
+    assert report.accuracy == pytest.approx(8 / 12)
+    assert report.chosen_longer_accuracy == pytest.approx(5 / 6) and report.chosen_longer_pairs == 6
+    assert report.chosen_shorter_accuracy == pytest.approx(1 / 4) and report.chosen_shorter_pairs == 4
+    assert report.length_controlled_accuracy == pytest.approx((5 / 6 + 1 / 4) / 2)
+    assert report.longer_chosen_rate == pytest.approx((6 + 0 + 1) / 12)  # equal lengths: a tie each
+    for low, high in (report.chosen_longer_ci95, report.chosen_shorter_ci95, report.length_controlled_ci95):
+        assert 0.0 <= low <= high <= 1.0
+    # a reward that only counts characters is at chance once length is controlled
+    counter = pairwise_report([float(c) for c in chosen_lengths], [float(r) for r in rejected_lengths],
+                              chosen_lengths, rejected_lengths, n_bootstrap=200)
+    assert counter.length_controlled_accuracy == pytest.approx(0.5)
+    assert counter.accuracy == pytest.approx(counter.longer_chosen_rate)
+    assert "length-controlled accuracy" in report.format() and "chosen shorter" in report.format()
+    assert length_controlled(np.array(wins, float) - 0.5, chosen_lengths, rejected_lengths) == pytest.approx(
+        (5 / 6 + 1 / 4) / 2)
 
 
 def test_pairwise_report_interval_and_length_correlation():
@@ -452,5 +585,22 @@ def test_shipped_model_ranks_held_out_pairs(name, data):
     descriptor = json.loads((directory / DESCRIPTOR_FILE).read_text())
     split = descriptor["data"]["split"]
     _, test = split_by_prompt(load_pairs(path), split["test_fraction"], split["seed"])
-    report = evaluate_pairs(FittedRewardModel.load(directory).score_hh, test[:20])
+    from firm.rewards import build_reward
+
+    report = evaluate_pairs(hh_scorer(build_reward(f"embedded:{name}")), test[:20])
     assert report.accuracy > 0.5, report.format()
+
+
+def test_shipped_rewards_load_and_score_finite_numbers():
+    from firm.rewards import build_rewards, clear_reward_cache
+
+    clear_reward_cache()
+    rewards = build_rewards(["embedded:helpful", "embedded:harmless"])
+    prompts = ["How do I boil an egg?", "How can I hurt my neighbour's dog?"]
+    responses = ["Simmer it for nine minutes, then cool it in cold water.", "I won't help with hurting an animal."]
+    scores = [reward.score(prompts, responses) for reward in rewards]
+    for reward, score in zip(rewards, scores):
+        assert score.shape == (2,) and score.dtype == torch.float32 and torch.isfinite(score).all(), reward.name
+    trunks = {id(reward.trunk): reward.trunk for reward in rewards if getattr(reward, "trunk", None) is not None}
+    assert all(trunk.forward_batches == 1 for trunk in trunks.values())  # probe heads on one trunk: one pass
+    clear_reward_cache()

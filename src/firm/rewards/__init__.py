@@ -27,6 +27,7 @@ The package, one job per module:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal, Protocol, Sequence, TypeVar
@@ -46,6 +47,7 @@ from firm.rewards.scorers import (
     load_minilm,
     load_offensive_prob,
 )
+from firm.rewards.trunk import clear_trunks
 
 if TYPE_CHECKING:
     from firm.prompts import Prompt
@@ -216,8 +218,9 @@ def _cached(key: tuple[Hashable, ...], load: Callable[[], T]) -> T:
 
 
 def clear_reward_cache() -> None:
-    """Forget every loaded reward model (frees memory; the next build loads again)."""
+    """Forget every loaded reward model and shared trunk (frees memory; the next build loads again)."""
     _CACHE.clear()
+    clear_trunks()
 
 
 def _build_hf(parsed: ParsedSpec, device: str, batch_size: int, max_length: int) -> RewardModel:
@@ -253,7 +256,20 @@ def _load_fitted(path: str, device: str) -> RewardModel:
         raise RewardSpecError(
             f"fitted reward models are not available: importing firm.rewards.fitted failed ({error})"
         ) from error
+    if _fitted_head(path) == "ngram":
+        from firm.rewards.ngram import NgramRewardModel  # deferred like fitted, and loaded after it
+
+        return NgramRewardModel.load(path)
     return FittedRewardModel.load(path, device=device)
+
+
+def _fitted_head(path: str) -> str:
+    """The head a fitted directory's descriptor names ("lora" when it names none or is unreadable:
+    the loader then reports what is wrong)."""
+    try:
+        return str(json.loads((Path(path) / DESCRIPTOR_FILE).read_text()).get("head", "lora"))
+    except (OSError, ValueError, AttributeError):
+        return "lora"
 
 
 def _build_fitted(parsed: ParsedSpec, device: str, batch_size: int, max_length: int) -> RewardModel:

@@ -19,6 +19,7 @@ from firm.rewards.fit_config import FitConfig
 
 DESCRIPTOR_FILE = "firm_reward.json"
 PROBE_HEAD_FILE = "probe_head.safetensors"
+NGRAM_HEAD_FILE = "ngram_head.safetensors"
 FORMAT_NAME = "firm-reward"
 FORMAT_VERSION = 1
 EMBEDDED_REWARD_DIR = Path(__file__).resolve().parents[1] / "data" / "reward_models"
@@ -27,17 +28,19 @@ EMBEDDED_REWARD_DIR = Path(__file__).resolve().parents[1] / "data" / "reward_mod
 def new_descriptor(config: FitConfig, fmt: InputFormat, stats: dict[str, Any], weights: str) -> dict[str, Any]:
     """The descriptor of a fresh fit: what to load, how inputs are built, how it was trained.
     ``weights`` describes the weight file; the pipeline adds the data and held-out results."""
+    ngram = config.head == "ngram"  # no trunk: hashed n-grams of the response
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "objective": config.objective,
-        "backbone": config.backbone,
-        "base_path": config.base_path,
-        "base_hub_id": BACKBONES[config.backbone]["hub_id"] if config.base_path is None else None,
+        "backbone": None if ngram else config.backbone,
+        "base_path": None if ngram else config.base_path,
+        "base_hub_id": BACKBONES[config.backbone]["hub_id"] if config.base_path is None and not ngram else None,
         "num_layers": config.num_layers,
         "head": config.head,
         "input_format": asdict(fmt),
-        "formulation": ("cross-encoder over [CLS] HH prompt [SEP] response [SEP]" if fmt.kind == "encoder"
+        "formulation": ("hashed word n-grams of the response (the prompt is not read)" if ngram
+                        else "cross-encoder over [CLS] HH prompt [SEP] response [SEP]" if fmt.kind == "encoder"
                         else "chat-template conversation + response + end-of-turn token" if fmt.chat_template
                         else "HH transcript prompt + ' ' + response"),
         "weights": weights,

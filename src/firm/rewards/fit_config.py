@@ -14,7 +14,8 @@ from firm.rewards.backbones import BACKBONES, check_backbone
 from firm.rewards.encoding import InputFormat
 from firm.rewards.errors import RewardModelError
 
-HEADS = ("lora", "probe")
+HEADS = ("lora", "probe", "ngram")
+SELECTIONS = ("accuracy", "length-controlled")
 
 
 @dataclass
@@ -32,9 +33,17 @@ class FitConfig:
     chat_template: bool = False
     """causal-LM backbones: read the conversation in the tokenizer's chat template, as the chat policy writes it (false: HH plain text)"""
     head: str = "lora"
-    """lora: LoRA adapters + scalar head trained end to end; probe: frozen backbone and a linear Bradley-Terry head on its top block"""
+    """lora: LoRA adapters + scalar head trained end to end; probe: frozen backbone and a linear Bradley-Terry head on its top block; ngram: no backbone, a linear Bradley-Terry head on hashed word n-grams of the response (firm.rewards.ngram)"""
     probe_l2: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
-    """probe head: comma-separated L2 strengths tried by 5-fold cross-validation over prompts; the best is kept"""
+    """probe and ngram heads: comma-separated L2 strengths tried by 5-fold cross-validation over prompts; the best is kept"""
+    length_covariate: bool = False
+    """probe and ngram heads: fit the log-length difference of the two responses as a covariate of the Bradley-Terry model and drop it at scoring, so that the head learns what predicts preference beyond length (AlpacaEval's length control)"""
+    select_by: str = "accuracy"
+    """probe and ngram heads: what cross-validation maximises when it picks the L2 strength: accuracy, or length-controlled (the mean of the accuracies where the chosen response is shorter and where it is longer)"""
+    ngram_features: int = 2**18
+    """ngram head: hash buckets the n-grams are counted into (one weight each)"""
+    ngram_max: int = 2
+    """ngram head: longest n-gram counted (1: single words)"""
     epochs: int = 2
     """LoRA head: passes over the training pairs"""
     learning_rate: float = 5e-4
@@ -79,6 +88,12 @@ class FitConfig:
             raise RewardModelError("epochs and pairs per batch must be at least 1")
         if self.head not in HEADS:
             raise RewardModelError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.select_by not in SELECTIONS:
+            raise RewardModelError(f"unknown selection {self.select_by!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.length_covariate and self.head == "lora":
+            raise RewardModelError("the length covariate is fitted by the probe and ngram heads only (--head probe or ngram)")
+        if self.ngram_features < 2 or self.ngram_max < 1:
+            raise RewardModelError("ngram features must be at least 2 buckets and ngram max at least 1")
         if self.chat_template and BACKBONES[self.backbone]["kind"] != "causal-lm":
             raise RewardModelError("the chat template input is for causal-LM backbones only")
         return self

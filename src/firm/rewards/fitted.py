@@ -21,7 +21,7 @@ from firm.rewards.card import model_card
 from firm.rewards.descriptor import PROBE_HEAD_FILE, read_descriptor, write_descriptor
 from firm.rewards.encoding import Example, InputFormat, collate, encode_example, length_sorted_batches
 from firm.rewards.errors import RewardModelError
-from firm.rewards.frozen_blocks import probe_features
+from firm.rewards.trunk import SharedTrunk, shared_trunk
 
 
 class FittedRewardModel:
@@ -32,10 +32,13 @@ class FittedRewardModel:
     objective label ("helpful", "harmless", ...)."""
 
     def __init__(self, model, tokenizer, descriptor: dict[str, Any], device: str = "cpu",
-                 probe_head: dict[str, torch.Tensor] | None = None):
+                 probe_head: dict[str, torch.Tensor] | None = None, trunk: SharedTrunk | None = None):
         self.model = model.to(device).eval()
         # A "probe" model: frozen backbone, linear head on pooled features (firm.rewards.probe_fit).
+        # Its trunk is shared with the other objectives' probes on the same backbone when loaded
+        # (firm.rewards.trunk), or private to this model when fitted or built by hand.
         self.probe_head = probe_head
+        self.trunk = trunk if trunk is not None or probe_head is None else SharedTrunk(self.model, tokenizer, device)
         self.tokenizer = tokenizer
         self.descriptor = descriptor
         self.device = device
@@ -60,11 +63,10 @@ class FittedRewardModel:
         """Rewards for prompts already in HH formulation (as pair files hold them)."""
         if len(hh_prompts) != len(responses):
             raise ValueError(f"{len(hh_prompts)} prompts but {len(responses)} responses")
-        examples = [encode_example(self.tokenizer, self.input_format, p, r) for p, r in zip(hh_prompts, responses)]
-        if self.probe_head is not None:
-            features = probe_features(self.model, examples, self.tokenizer.pad_token_id, self.input_format.kind,
-                                      batch_size)
+        if self.trunk is not None:
+            features = self.trunk.features(self.input_format, hh_prompts, responses, batch_size)
             return features @ self.probe_head["weight"] + self.probe_head["bias"]
+        examples = [encode_example(self.tokenizer, self.input_format, p, r) for p, r in zip(hh_prompts, responses)]
         return _score_examples(self.model, examples, self.tokenizer.pad_token_id,
                                self.input_format.kind, batch_size, self.device)
 
@@ -91,9 +93,12 @@ class FittedRewardModel:
 
         directory = Path(path)
         descriptor = read_descriptor(directory)
-        base, tokenizer = load_base(descriptor["backbone"], descriptor.get("base_path"), descriptor.get("num_layers"))
         if descriptor.get("head", "lora") == "probe":
-            return cls(base, tokenizer, descriptor, device, probe_head=_load_probe_head(directory, base))
+            trunk = shared_trunk(descriptor["backbone"], descriptor.get("base_path"), descriptor.get("num_layers"),
+                                 device)
+            return cls(trunk.model, trunk.tokenizer, descriptor, device,
+                       probe_head=_load_probe_head(directory, trunk.model), trunk=trunk)
+        base, tokenizer = load_base(descriptor["backbone"], descriptor.get("base_path"), descriptor.get("num_layers"))
         model = PeftModel.from_pretrained(base, directory, is_trainable=False)
         return cls(model, tokenizer, descriptor, device)
 

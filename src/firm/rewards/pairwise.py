@@ -22,7 +22,15 @@ class PairwiseReport:
     ``accuracy`` counts a tie as half a win, so a constant reward scores 0.5 (chance).
     ``length_pearson`` / ``length_spearman`` correlate reward with response length in
     characters over every scored response; ``longer_chosen_rate`` is the accuracy a reward
-    that only counted characters would reach on these pairs."""
+    that only counted characters would reach on these pairs (the rule "the longer answer wins").
+
+    Length control: the pairs where the chosen response is the shorter one and those where it
+    is the longer one (in characters; equal lengths belong to neither) are scored apart
+    (``chosen_shorter_*``, ``chosen_longer_*``), and ``length_controlled_accuracy`` is the mean
+    of the two, so a reward that only counts characters scores 0.5 whatever the share of
+    longer chosen answers. Every ``*_ci95`` is a percentile-bootstrap 95% interval over pairs
+    resampled with replacement (one set of resamples for all of them); NaN where a stratum is
+    empty."""
 
     n_pairs: int
     accuracy: float
@@ -32,19 +40,42 @@ class PairwiseReport:
     length_pearson: float
     length_spearman: float
     longer_chosen_rate: float
+    longer_rule_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    chosen_shorter_pairs: int = 0
+    chosen_shorter_accuracy: float = float("nan")
+    chosen_shorter_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    chosen_longer_pairs: int = 0
+    chosen_longer_accuracy: float = float("nan")
+    chosen_longer_ci95: tuple[float, float] = (float("nan"), float("nan"))
+    length_controlled_accuracy: float = float("nan")
+    length_controlled_ci95: tuple[float, float] = (float("nan"), float("nan"))
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        values["ci95"] = list(self.ci95)
-        return {key: (None if isinstance(value, float) and math.isnan(value) else value)
-                for key, value in values.items()}
+        return {key: _json_value(value) for key, value in values.items()}
 
     def format(self) -> str:
-        return (f"pairs {self.n_pairs}  accuracy {self.accuracy:.3f} "
-                f"(95% CI {self.ci95[0]:.3f}-{self.ci95[1]:.3f})  mean margin {self.mean_margin:.3f}  "
-                f"ties {self.ties}\nreward vs length (chars): Pearson {self.length_pearson:.3f}, "
-                f"Spearman {self.length_spearman:.3f}; longer response chosen in "
-                f"{self.longer_chosen_rate:.3f} of pairs")
+        return (f"pairs {self.n_pairs}  accuracy {self.accuracy:.3f} ({_interval(self.ci95)})  "
+                f"mean margin {self.mean_margin:.3f}  ties {self.ties}\n"
+                f"chosen shorter: {self.chosen_shorter_accuracy:.3f} ({_interval(self.chosen_shorter_ci95)}, "
+                f"{self.chosen_shorter_pairs} pairs)  chosen longer: {self.chosen_longer_accuracy:.3f} "
+                f"({_interval(self.chosen_longer_ci95)}, {self.chosen_longer_pairs} pairs)\n"
+                f"length-controlled accuracy (mean of the two): {self.length_controlled_accuracy:.3f} "
+                f"({_interval(self.length_controlled_ci95)})\n"
+                f"rule \"the longer answer wins\": {self.longer_chosen_rate:.3f} ({_interval(self.longer_rule_ci95)}) "
+                f"on the same pairs (length-controlled 0.5)\n"
+                f"reward vs length (chars): Pearson {self.length_pearson:.3f}, Spearman {self.length_spearman:.3f}")
+
+
+def _json_value(value: Any) -> Any:
+    """NaN becomes None (JSON has no NaN); intervals become lists."""
+    if isinstance(value, tuple):
+        return [_json_value(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return f"95% CI {bounds[0]:.3f}-{bounds[1]:.3f}"
 
 
 def pearson_spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -55,32 +86,73 @@ def pearson_spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, flo
     return float(stats.pearsonr(x_array, y_array).statistic), float(stats.spearmanr(x_array, y_array).statistic)
 
 
+def _half_wins(better: np.ndarray, worse: np.ndarray) -> np.ndarray:
+    """1 where better > worse, 0.5 on a tie, 0 otherwise."""
+    return np.where(better > worse, 1.0, np.where(better == worse, 0.5, 0.0))
+
+
+def _stratum_mean(wins: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``wins`` over the rows where ``mask`` holds, along the last axis (NaN where none do)."""
+    counts = mask.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (wins * mask).sum(axis=-1) / np.maximum(counts, 1), np.nan)
+
+
+def _percentile_interval(samples: np.ndarray) -> tuple[float, float]:
+    samples = samples[~np.isnan(samples)]
+    if len(samples) == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def length_strata(wins: np.ndarray, chosen_longer: np.ndarray, chosen_shorter: np.ndarray) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray]:
+    """(accuracy where the chosen answer is shorter, where it is longer, their mean), along the last axis."""
+    shorter = _stratum_mean(wins, chosen_shorter)
+    longer = _stratum_mean(wins, chosen_longer)
+    return shorter, longer, (shorter + longer) / 2
+
+
 def pairwise_report(chosen_scores: Sequence[float], rejected_scores: Sequence[float],
                     chosen_lengths: Sequence[int], rejected_lengths: Sequence[int],
                     n_bootstrap: int = 2000, seed: int = 0) -> PairwiseReport:
-    """Accuracy with a percentile-bootstrap 95% interval (pairs resampled with replacement),
-    the mean margin r(chosen) - r(rejected), and the reward-length correlations."""
+    """Accuracy overall and within the two length strata, each with a percentile-bootstrap 95%
+    interval (pairs resampled with replacement), the mean margin r(chosen) - r(rejected), the
+    reward-length correlations and the accuracy of the rule "the longer answer wins"."""
     chosen_array = np.asarray(chosen_scores, dtype=np.float64)
     rejected_array = np.asarray(rejected_scores, dtype=np.float64)
     if len(chosen_array) == 0 or len(chosen_array) != len(rejected_array):
         raise ValueError("need the same, non-zero number of chosen and rejected scores")
-    wins = np.where(chosen_array > rejected_array, 1.0, np.where(chosen_array == rejected_array, 0.5, 0.0))
-    rng = np.random.default_rng(seed)
-    resampled = wins[rng.integers(0, len(wins), size=(n_bootstrap, len(wins)))].mean(axis=1)
-    low, high = np.percentile(resampled, [2.5, 97.5])
-    lengths = np.concatenate([np.asarray(chosen_lengths), np.asarray(rejected_lengths)])
-    pearson, spearman = pearson_spearman(np.concatenate([chosen_array, rejected_array]), lengths)
     chosen_len, rejected_len = np.asarray(chosen_lengths), np.asarray(rejected_lengths)
-    longer_chosen = np.where(chosen_len > rejected_len, 1.0, np.where(chosen_len == rejected_len, 0.5, 0.0))
+    if len(chosen_len) != len(chosen_array) or len(rejected_len) != len(chosen_array):
+        raise ValueError("need one chosen and one rejected length per pair")
+    wins = _half_wins(chosen_array, rejected_array)
+    rule = _half_wins(chosen_len, rejected_len)
+    longer, shorter = chosen_len > rejected_len, chosen_len < rejected_len
+    rows = np.random.default_rng(seed).integers(0, len(wins), size=(n_bootstrap, len(wins)))
+    shorter_acc, longer_acc, controlled = length_strata(wins, longer, shorter)
+    boot_shorter, boot_longer, boot_controlled = length_strata(wins[rows], longer[rows], shorter[rows])
+    pearson, spearman = pearson_spearman(np.concatenate([chosen_array, rejected_array]),
+                                         np.concatenate([chosen_len, rejected_len]))
     return PairwiseReport(
         n_pairs=len(wins),
         accuracy=float(wins.mean()),
-        ci95=(float(low), float(high)),
+        ci95=_percentile_interval(wins[rows].mean(axis=1)),
         mean_margin=float((chosen_array - rejected_array).mean()),
         ties=int((chosen_array == rejected_array).sum()),
         length_pearson=pearson,
         length_spearman=spearman,
-        longer_chosen_rate=float(longer_chosen.mean()),
+        longer_chosen_rate=float(rule.mean()),
+        longer_rule_ci95=_percentile_interval(rule[rows].mean(axis=1)),
+        chosen_shorter_pairs=int(shorter.sum()),
+        chosen_shorter_accuracy=float(shorter_acc),
+        chosen_shorter_ci95=_percentile_interval(boot_shorter),
+        chosen_longer_pairs=int(longer.sum()),
+        chosen_longer_accuracy=float(longer_acc),
+        chosen_longer_ci95=_percentile_interval(boot_longer),
+        length_controlled_accuracy=float(controlled),
+        length_controlled_ci95=_percentile_interval(boot_controlled),
     )
 
 
