@@ -301,6 +301,24 @@ def test_dry_run_plans_without_running(tmp_path: Path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_compare_with_betas_runs_firm_once_per_beta_seed_by_seed(tmp_path: Path, capsys):
+    train = cli.train_settings(["--rewards", "relevance,civility"], ex.HARNESS_FLAGS_COMPARE + ("beta",))
+    runs = ex.plan_compare(train, tmp_path, ["firm", "mgda", "linear"], ["category"], [0, 1], betas=[0.01, 1.0])
+    groups = ["firm (beta=0.01)", "firm (beta=1)", "mgda", "linear"]
+    # seeds outer: a compare stopped part-way still holds whole paired seeds
+    assert [(r.seed, r.group) for r in runs] == [(s, g) for s in (0, 1) for g in groups]
+    assert [r.config.beta for r in runs[:2]] == [0.01, 1.0]
+    assert runs[1].run_dir == tmp_path / "runs" / "category" / "firm-beta1" / "seed-0"
+    assert "--beta" not in " ".join(runs[2].harness_flags())  # mgda keeps beta 0
+    from firm.experiments.compare import reference_algorithm
+    assert reference_algorithm(groups) == "firm (beta=0.01)"
+    # with --betas the harness owns beta: a --beta after -- is refused
+    args = harness_parser().parse_args(["compare", "--out", str(tmp_path / "x"), "--betas", "0.01,1", "--dry-run",
+                                        "--", "--beta", "0.5"])
+    with pytest.raises(ex.ExperimentError, match="--beta"):
+        args.handler(args)
+
+
 # ---- real tiny simulations through the harness --------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory, tiny_policy_dir):

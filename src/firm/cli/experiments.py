@@ -35,6 +35,9 @@ def add_parser(subparsers) -> None:
     compare.add_argument("--out", required=True, help="experiment directory (runs/, table.md, results.json, plots)")
     compare.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithms")
     compare.add_argument("--partitions", default=",".join(PARTITIONS), help="comma-separated prompt partitions")
+    compare.add_argument("--betas", default="",
+                         help="comma-separated beta values; each beta-dependent algorithm (firm) runs at each, as "
+                              "its own group, the first one the reference ('' = the beta of the train flags)")
     add_common_options(compare)
     compare.set_defaults(handler=compare_command)
 
@@ -194,9 +197,12 @@ def compare_command(args: argparse.Namespace) -> int:
     partitions = parse_names(args.partitions, PARTITIONS, "partitions")
     seeds = parse_seeds(args.seeds)
     check_eval_prompts(args.eval_prompts)
-    train = train_settings(args.train_args, HARNESS_FLAGS_COMPARE)
+    betas = parse_betas(args.betas) if args.betas else []
+    # with --betas the harness sets each run's beta, so a --beta among the train flags is refused
+    train = train_settings(args.train_args, HARNESS_FLAGS_COMPARE + (("beta",) if betas else ()))
     reference_point = parse_reference_point(args.reference_point, num_objectives(train))
-    return run_compare(experiment_options("compare", args, seeds, train, reference_point), algorithms, partitions)
+    return run_compare(experiment_options("compare", args, seeds, train, reference_point), algorithms, partitions,
+                       betas)
 
 
 def pareto_command(args: argparse.Namespace) -> int:

@@ -22,8 +22,9 @@ from firm.stats import compare_table
 
 
 def reference_algorithm(groups: Sequence[str]) -> str:
-    """FIRM's claims are about firm; without firm the first algorithm is the reference."""
-    return "firm" if "firm" in groups else groups[0]
+    """FIRM's claims are about firm: the first firm group (at the first of several betas);
+    without firm the first algorithm is the reference."""
+    return next((g for g in groups if g == "firm" or g.startswith("firm (")), groups[0])
 
 
 # Metrics of the compare table: (key, label, claim, higher is better). A claim of "" marks a
@@ -142,22 +143,25 @@ def paired_verdicts(results: Sequence[RunResult], reference: str, others: Sequen
     return cells
 
 
-def run_compare(options: ExperimentOptions, algorithms: Sequence[str], partitions: Sequence[str]) -> int:
+def run_compare(options: ExperimentOptions, algorithms: Sequence[str], partitions: Sequence[str],
+                betas: Sequence[float] = ()) -> int:
     """Plan, run (or reuse) and report the runs of `firm compare`; the exit code."""
     out = options.out
-    runs = plan_compare(options.train, out, algorithms, partitions, options.seeds)
+    runs = plan_compare(options.train, out, algorithms, partitions, options.seeds, betas)
+    planned_groups = list(dict.fromkeys(run.group for run in runs))
     warn_seeds(options.seeds)
     failures = execute_plan(runs, options.train.flags, dry_run=options.dry_run, eval_prompts=options.eval_prompts)
     if options.dry_run:
         return 0
 
     def build(results, reference):
-        groups = [a for a in algorithms if any(r.run.group == a for r in results)]
+        groups = [g for g in planned_groups if any(r.run.group == g for r in results)]
         tables, extra = compare_tables(results, partitions, groups)
         return tables, extra, lambda: plot_compare(results, partitions, groups, out)
 
     return finish_experiment("compare", options, runs, failures,
-                             {"algorithms": list(algorithms), "partitions": list(partitions)}, build)
+                             {"algorithms": list(algorithms), "partitions": list(partitions), "betas": list(betas)},
+                             build)
 
 
 __all__ = ["compare_metrics", "compare_tables", "constant_lambda_algorithms", "paired_verdicts", "reference_algorithm",

@@ -102,11 +102,20 @@ def plan_run(train: TrainSettings, run_dir: Path, group: str, algorithm: str, pa
 
 
 def plan_compare(train: TrainSettings, out: Path, algorithms: Sequence[str], partitions: Sequence[str],
-                 seeds: Sequence[int]) -> list[PlannedRun]:
-    """Every algorithm on every partition and seed; the algorithm names its group."""
-    return [plan_run(train, out / "runs" / partition / algorithm / f"seed-{seed}", algorithm, algorithm,
-                     partition, seed)
-            for partition in partitions for algorithm in algorithms for seed in seeds]
+                 seeds: Sequence[int], betas: Sequence[float] = ()) -> list[PlannedRun]:
+    """Every algorithm on every partition and seed; the algorithm names its group. With ``betas``
+    an algorithm whose solver uses beta (firm) runs once per beta, as group 'firm (beta=1)'.
+    Seeds are the outer loop, so an experiment stopped part-way has complete paired seeds."""
+    variants = [(algorithm, beta) for algorithm in algorithms
+                for beta in (betas if betas and ALGORITHMS[algorithm].uses_beta else [None])]
+    runs = []
+    for partition in partitions:
+        for seed in seeds:
+            for algorithm, beta in variants:
+                folder = algorithm if beta is None else f"{algorithm}-beta{beta:g}"
+                runs.append(plan_run(train, out / "runs" / partition / folder / f"seed-{seed}",
+                                     pareto_group(algorithm, beta), algorithm, partition, seed, beta=beta))
+    return runs
 
 
 def pareto_group(algorithm: str, beta: float | None) -> str:
