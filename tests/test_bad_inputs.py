@@ -347,6 +347,8 @@ BAD_INPUTS = [
         "--seeds must be comma-separated integers"),
     row("compare: eval-prompts -1", lambda f: ["compare", "--out", str(f.root / "exp"), "--eval-prompts", "-1"],
         "--eval-prompts must be >= 0"),
+    row("compare: eval-samples 0", lambda f: ["compare", "--out", str(f.root / "exp"), "--eval-samples", "0"],
+        "--eval-samples must be >= 1"),
     row("compare: harness-owned flag after --",
         lambda f: ["compare", "--out", str(f.root / "exp"), "--", "--seed", "3"], "--seed after -- is set by the harness"),
     row("compare: unknown train flag after --",

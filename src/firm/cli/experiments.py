@@ -64,6 +64,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-prompts", type=int, default=0,
                         help="score each run's final adapter with `firm eval` on this many prompts and use that as "
                              "the final reward (0 = the last round record, whose rollouts predate the last update)")
+    parser.add_argument("--eval-samples", type=int, default=1,
+                        help="responses sampled per held-out prompt in that evaluation")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and commands, run nothing")
     parser.add_argument("train_args", nargs="*", default=[], metavar="-- TRAIN_FLAGS",
                         help="flags for every `firm train` run, after a lone --")
@@ -143,9 +145,11 @@ def parse_reference_point(text: str, num_objectives: int) -> list[float] | None:
     return point
 
 
-def check_eval_prompts(value: int) -> None:
+def check_eval_prompts(value: int, samples: int = 1) -> None:
     if value < 0:
         raise ExperimentError(f"--eval-prompts must be >= 0 (0 = off), got {value}")
+    if samples < 1:
+        raise ExperimentError(f"--eval-samples must be >= 1, got {samples}")
 
 
 # ---- the flags after -- -----------------------------------------------------------------------
@@ -186,7 +190,7 @@ def canonical_command(experiment: str, args: argparse.Namespace) -> str:
 def experiment_options(experiment: str, args: argparse.Namespace, seeds: list[int], train: TrainSettings,
                        reference_point: list[float] | None) -> ExperimentOptions:
     return ExperimentOptions(out=Path(args.out).resolve(), seeds=seeds, train=train, reference_point=reference_point,
-                             eval_prompts=args.eval_prompts, dry_run=args.dry_run,
+                             eval_prompts=args.eval_prompts, eval_samples=args.eval_samples, dry_run=args.dry_run,
                              command=canonical_command(experiment, args))
 
 
@@ -196,7 +200,7 @@ def compare_command(args: argparse.Namespace) -> int:
     algorithms = parse_names(args.algorithms, ALGORITHMS, "algorithms")
     partitions = parse_names(args.partitions, PARTITIONS, "partitions")
     seeds = parse_seeds(args.seeds)
-    check_eval_prompts(args.eval_prompts)
+    check_eval_prompts(args.eval_prompts, args.eval_samples)
     betas = parse_betas(args.betas) if args.betas else []
     # with --betas the harness sets each run's beta, so a --beta among the train flags is refused
     train = train_settings(args.train_args, HARNESS_FLAGS_COMPARE + (("beta",) if betas else ()))
@@ -211,7 +215,7 @@ def pareto_command(args: argparse.Namespace) -> int:
     if args.partition not in PARTITIONS:
         raise ExperimentError(f"--partition must be one of {', '.join(PARTITIONS)}, got {args.partition!r}")
     seeds = parse_seeds(args.seeds)
-    check_eval_prompts(args.eval_prompts)
+    check_eval_prompts(args.eval_prompts, args.eval_samples)
     betas = parse_betas(args.betas)
     train = train_settings(args.train_args, HARNESS_FLAGS_PARETO)
     objectives = num_objectives(train)

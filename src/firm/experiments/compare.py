@@ -150,7 +150,8 @@ def run_compare(options: ExperimentOptions, algorithms: Sequence[str], partition
     runs = plan_compare(options.train, out, algorithms, partitions, options.seeds, betas)
     planned_groups = list(dict.fromkeys(run.group for run in runs))
     warn_seeds(options.seeds)
-    failures = execute_plan(runs, options.train.flags, dry_run=options.dry_run, eval_prompts=options.eval_prompts)
+    failures = execute_plan(runs, options.train.flags, dry_run=options.dry_run, eval_prompts=options.eval_prompts,
+                            eval_samples=options.eval_samples)
     if options.dry_run:
         return 0
 

@@ -56,16 +56,16 @@ def train_command(run: PlannedRun, status: str, train_flags: Sequence[str]) -> l
     return base + run.harness_flags() + list(train_flags)
 
 
-def eval_command(run: PlannedRun, num_prompts: int) -> list[str]:
+def eval_command(run: PlannedRun, num_prompts: int, samples_per_prompt: int = 1) -> list[str]:
     """`firm eval` of the last round's adapter on the run's held-out prompts, with the run's own
     rewards and sampling, and the same seed for every run (paired)."""
     config = run.config
     return [sys.executable, "-m", "firm.cli", "eval", "--adapter", str(RunDir(run.run_dir).adapter_dir(config.num_rounds)),
             "--policy", config.policy, "--prompts", config.prompts, "--rewards", config.rewards,
             "--split", "eval", "--eval-fraction", repr(config.eval_fraction),
-            "--num-prompts", str(num_prompts), "--max-new-tokens", str(config.max_new_tokens),
+            "--num-prompts", str(num_prompts), "--samples-per-prompt", str(samples_per_prompt), "--max-new-tokens", str(config.max_new_tokens),
             "--temperature", repr(config.temperature), "--seed", str(EVAL_SEED), "--show-samples", "0",
-            "--json", str(eval_path(run, num_prompts))]
+            "--json", str(eval_path(run, num_prompts, samples_per_prompt))]
 
 
 def read_harness_record(run_dir: Path) -> dict[str, Any]:
@@ -93,18 +93,19 @@ def execute_run(run: PlannedRun, status: str, train_flags: Sequence[str]) -> Fai
     return None
 
 
-def execute_eval(run: PlannedRun, num_prompts: int) -> Failure | None:
+def execute_eval(run: PlannedRun, num_prompts: int, samples_per_prompt: int = 1) -> Failure | None:
     """Score the run's final adapter."""
     log_path = run.run_dir / EVAL_LOG
-    returncode = run_logged(eval_command(run, num_prompts), log_path)
-    if returncode != 0 or not eval_path(run, num_prompts).exists():
+    returncode = run_logged(eval_command(run, num_prompts, samples_per_prompt), log_path)
+    if returncode != 0 or not eval_path(run, num_prompts, samples_per_prompt).exists():
         return Failure(run, f"`firm eval` of the final adapter exited with code {returncode}", log_tail(log_path))
     return None
 
 
 def execute_plan(runs: Sequence[PlannedRun], train_flags: Sequence[str], dry_run: bool = False,
-                 eval_prompts: int = 0) -> list[Failure]:
-    """Run every planned run in turn (and, with eval_prompts > 0, score its final adapter);
+                 eval_prompts: int = 0, eval_samples: int = 1) -> list[Failure]:
+    """Run every planned run in turn (and, with eval_prompts > 0, score its final adapter with
+    eval_samples responses per prompt);
     a failed run is reported and the others go on."""
     statuses = [run_status(run) for run in runs]  # settings conflicts stop us before anything runs
     failures = []
@@ -113,7 +114,7 @@ def execute_plan(runs: Sequence[PlannedRun], train_flags: Sequence[str], dry_run
         if dry_run:
             print(f"{prefix}: {status}\n    {' '.join(train_command(run, status, train_flags))}")
             if eval_prompts:
-                print(f"    then {' '.join(eval_command(run, eval_prompts))}")
+                print(f"    then {' '.join(eval_command(run, eval_prompts, eval_samples))}")
             continue
         if status == "done":
             print(f"{prefix}: done already ({run.run_dir})", flush=True)
@@ -124,9 +125,9 @@ def execute_plan(runs: Sequence[PlannedRun], train_flags: Sequence[str], dry_run
             failure = execute_run(run, status, train_flags)
             if failure is None:
                 print(f"{prefix}: finished in {time.perf_counter() - start:.0f} s", flush=True)
-        if failure is None and eval_prompts and not eval_path(run, eval_prompts).exists():
-            print(f"{prefix}: scoring the final adapter on {eval_prompts} prompts ...", flush=True)
-            failure = execute_eval(run, eval_prompts)
+        if failure is None and eval_prompts and not eval_path(run, eval_prompts, eval_samples).exists():
+            print(f"{prefix}: scoring the final adapter on {eval_prompts} prompts x {eval_samples} ...", flush=True)
+            failure = execute_eval(run, eval_prompts, eval_samples)
         if failure is not None:
             failures.append(failure)
             print(f"{prefix}: FAILED ({failure.reason}); last lines of its log:\n" + indent(failure.log_tail),

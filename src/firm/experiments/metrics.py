@@ -225,7 +225,8 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_prompts: int = 0) -> list[RunResult]:
+def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_prompts: int = 0,
+                 eval_samples: int = 1) -> list[RunResult]:
     """Summaries of the runs that completed all their rounds (failed runs stay out). With
     eval_prompts > 0 the final reward is the evaluation of the last adapter."""
     failed = {id(f.run) for f in failures}
@@ -245,16 +246,17 @@ def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_p
         summary["final_response_tokens"] = (float(np.mean([c["response_tokens"] for c in last]))
                                             if last and all("response_tokens" in c for c in last) else None)
         if eval_prompts:
-            evaluation = json.loads(eval_path(run, eval_prompts).read_text())
+            scored = eval_path(run, eval_prompts, eval_samples)
+            evaluation = json.loads(scored.read_text())
             evaluated = evaluation["rewards"]
             if sorted(evaluated) != sorted(summary["objectives"]):
-                raise ExperimentError(f"{eval_path(run, eval_prompts)} scores {sorted(evaluated)}, the run "
+                raise ExperimentError(f"{scored} scores {sorted(evaluated)}, the run "
                                       f"{summary['objectives']}")
             summary["final_reward"] = {name: float(evaluated[name]) for name in summary["objectives"]}
             summary["final_kl"] = float(evaluation["kl"])  # KL and length beside the reward they explain
             summary["final_response_tokens"] = float(evaluation["response_tokens"])
         summary["final_reward_source"] = (f"firm eval of round {run.config.num_rounds}'s adapter on {eval_prompts} "
-                                          "prompts" if eval_prompts else "last round record (rollouts of the "
+                                          f"held-out prompts x {eval_samples} samples" if eval_prompts else "last round record (rollouts of the "
                                           "adapter that round started from)")
         results.append(RunResult(run, rounds, summary))
     names = {tuple(r.summary["objectives"]) for r in results}

@@ -48,6 +48,7 @@ class ExperimentOptions:
     train: TrainSettings
     reference_point: list[float] | None  # fixed hypervolume reference point; None = from the data
     eval_prompts: int  # > 0: score each run's final adapter with `firm eval` on this many prompts
+    eval_samples: int = 1  # responses sampled per held-out prompt in that evaluation
     dry_run: bool  # print the planned runs and commands, run nothing
     command: str  # the command line that reproduces the experiment (written into the report)
 
@@ -157,9 +158,10 @@ def run_status(run: PlannedRun) -> str:
     return "done" if done >= want["num_rounds"] else "resume"
 
 
-def eval_path(run: PlannedRun, num_prompts: int) -> Path:
+def eval_path(run: PlannedRun, num_prompts: int, samples_per_prompt: int = 1) -> Path:
     """Where the evaluation of the run's last adapter lives; the name fixes what it measured."""
-    return run.run_dir / f"eval-round-{run.config.num_rounds:03d}-{num_prompts}prompts.json"
+    samples = f"-x{samples_per_prompt}" if samples_per_prompt > 1 else ""
+    return run.run_dir / f"eval-round-{run.config.num_rounds:03d}-{num_prompts}prompts{samples}.json"
 
 
 def warn_seeds(seeds: Sequence[int]) -> None:

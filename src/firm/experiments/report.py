@@ -61,7 +61,7 @@ def finish_experiment(kind: str, options: ExperimentOptions, runs: Sequence[Plan
                       failures: Sequence[Failure], settings: dict[str, Any], build: TablesBuilder) -> int:
     """Read the finished runs of ``compare`` or ``pareto``, score their hypervolumes against
     one reference point, and write tables, results.json and plots; the exit code."""
-    results = read_results(runs, failures, options.eval_prompts)
+    results = read_results(runs, failures, options.eval_prompts, options.eval_samples)
     if results:
         names = results[0].summary["objectives"]
         fixed_reference = options.reference_point
