@@ -48,9 +48,9 @@ class ExperimentOptions:
     train: TrainSettings
     reference_point: list[float] | None  # fixed hypervolume reference point; None = from the data
     eval_prompts: int  # > 0: score each run's final adapter with `firm eval` on this many prompts
-    eval_samples: int = 1  # responses sampled per held-out prompt in that evaluation
     dry_run: bool  # print the planned runs and commands, run nothing
     command: str  # the command line that reproduces the experiment (written into the report)
+    eval_samples: int = 1  # responses sampled per held-out prompt in the final evaluation
 
 
 @dataclass
