@@ -312,7 +312,8 @@ def test_compare_with_betas_runs_firm_once_per_beta_seed_by_seed(tmp_path: Path,
     assert "--beta" not in " ".join(runs[2].harness_flags())  # mgda keeps beta 0
     from firm.experiments.compare import reference_algorithm
     assert reference_algorithm(groups) == "firm (beta=0.01)"
-    assert ex.eval_path(runs[0], 36, 2).name == "eval-round-003-36prompts-x2.json"
+    from firm.experiments.plan import eval_path
+    assert eval_path(runs[0], 36, 2).name == "eval-round-003-36prompts-x2.json"
     from firm.experiments.execute import eval_command
     assert "--samples-per-prompt 2" in " ".join(eval_command(runs[0], 36, 2))
     # with --betas the harness owns beta: a --beta after -- is refused
