@@ -53,16 +53,17 @@ def policy(tiny_llama_config):
     return nonzero_lora_policy(tiny_llama_config)
 
 
-def test_sample_draws_the_tokens_transformers_generate_draws(policy, tiny_tokenizer):
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_sample_draws_the_tokens_transformers_generate_draws(policy, tiny_tokenizer, top_p):
     enc = encoded_prompts(tiny_tokenizer)
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     for seed in range(3):
         torch.manual_seed(seed)
         reference = policy.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True,
-                                    temperature=0.8, top_p=1.0, top_k=0, max_new_tokens=12, pad_token_id=pad,
+                                    temperature=0.8, top_p=top_p, top_k=0, max_new_tokens=12, pad_token_id=pad,
                                     eos_token_id=eos, use_cache=True)
         torch.manual_seed(seed)
-        tokens, _, _ = sample(policy, enc.input_ids, enc.attention_mask, 12, 0.8, 1.0, eos, pad)
+        tokens, _, _ = sample(policy, enc.input_ids, enc.attention_mask, 12, 0.8, top_p, eos, pad)
         assert torch.equal(tokens, reference[:, enc.input_ids.shape[1]:])
 
 
@@ -185,19 +186,6 @@ def test_firm_step_on_the_fast_rollout_equals_the_slow_path(tiny_llama_config, t
         torch.testing.assert_close(lora_fast[name], lora_slow[name], **TOL)
     for name in head_fast:
         torch.testing.assert_close(head_fast[name], head_slow[name], **TOL)
-
-
-def test_sample_with_top_p_draws_the_tokens_transformers_generate_draws(policy, tiny_tokenizer):
-    enc = encoded_prompts(tiny_tokenizer)
-    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
-    for seed in range(3):
-        torch.manual_seed(seed)
-        reference = policy.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True,
-                                    temperature=0.8, top_p=0.7, top_k=0, max_new_tokens=12, pad_token_id=pad,
-                                    eos_token_id=eos, use_cache=True)
-        torch.manual_seed(seed)
-        tokens, _, _ = sample(policy, enc.input_ids, enc.attention_mask, 12, 0.8, 0.7, eos, pad)
-        assert torch.equal(tokens, reference[:, enc.input_ids.shape[1]:])
 
 
 def test_rollout_runs_one_full_forward_the_reference(policy, tiny_tokenizer, monkeypatch):

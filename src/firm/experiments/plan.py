@@ -113,14 +113,19 @@ def plan_compare(train: TrainSettings, out: Path, algorithms: Sequence[str], par
     for partition in partitions:
         for seed in seeds:
             for algorithm, beta in variants:
-                folder = algorithm if beta is None else f"{algorithm}-beta{beta:g}"
-                runs.append(plan_run(train, out / "runs" / partition / folder / f"seed-{seed}",
-                                     pareto_group(algorithm, beta), algorithm, partition, seed, beta=beta))
+                run_dir = out / "runs" / partition / variant_folder(algorithm, beta) / f"seed-{seed}"
+                runs.append(plan_run(train, run_dir, pareto_group(algorithm, beta), algorithm, partition, seed,
+                                     beta=beta))
     return runs
 
 
 def pareto_group(algorithm: str, beta: float | None) -> str:
     return algorithm if beta is None else f"{algorithm} (beta={beta:g})"
+
+
+def variant_folder(algorithm: str, beta: float | None) -> str:
+    """The runs/ folder of an algorithm run at one beta (None: the algorithm's own)."""
+    return algorithm if beta is None else f"{algorithm}-beta{beta:g}"
 
 
 def plan_pareto(train: TrainSettings, out: Path, algorithms: Sequence[str], betas: Sequence[float],
@@ -131,7 +136,7 @@ def plan_pareto(train: TrainSettings, out: Path, algorithms: Sequence[str], beta
     runs = []
     for algorithm in algorithms:
         for beta in (betas if ALGORITHMS[algorithm].uses_beta else [None]):
-            folder = algorithm if beta is None else f"{algorithm}-beta{beta:g}"
+            folder = variant_folder(algorithm, beta)
             for preference in preferences:
                 for seed in seeds:
                     run_dir = out / "runs" / folder / f"p{format_vector(preference).replace(',', '-')}" / f"seed-{seed}"
@@ -172,4 +177,4 @@ def warn_seeds(seeds: Sequence[int]) -> None:
 
 __all__ = ["ExperimentError", "ExperimentOptions", "HARNESS_FLAGS_COMPARE", "HARNESS_FLAGS_PARETO",
            "MIN_SEEDS_FOR_CLAIMS", "PlannedRun", "TrainSettings", "eval_path", "expected_config", "format_vector",
-           "pareto_group", "plan_compare", "plan_pareto", "plan_run", "run_status", "warn_seeds"]
+           "pareto_group", "plan_compare", "plan_pareto", "plan_run", "run_status", "variant_folder", "warn_seeds"]
