@@ -398,3 +398,63 @@ def test_a_failing_run_is_reported_with_its_log_and_exits_non_zero(tmp_path: Pat
     failed = captured.out.split("FAILED", 1)[1]
     assert "error:" in failed and "no-such-model" in failed  # the log tail names the cause
     assert "1 run(s) failed" in captured.err and "no run completed" in captured.err
+
+
+def direct_update_cosine(updates: np.ndarray) -> float:
+    """The definition, pair by pair: sum_{c != d} u_c . u_d / sum_{c != d} |u_c| |u_d|."""
+    dots = [updates[c] @ updates[d] for c in range(len(updates)) for d in range(len(updates)) if c != d]
+    norms = [np.linalg.norm(updates[c]) * np.linalg.norm(updates[d])
+             for c in range(len(updates)) for d in range(len(updates)) if c != d]
+    return float(np.sum(dots) / np.sum(norms))
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.5, 3.0])
+def test_update_cosine_from_norms_and_distances_equals_the_pairwise_definition(shared: float):
+    rng = np.random.default_rng(7)
+    updates = shared * rng.normal(size=64) + rng.normal(size=(4, 64)) * rng.uniform(0.5, 2.0, size=(4, 1))
+    mean = updates.mean(axis=0)
+    norms = np.linalg.norm(updates, axis=1)
+    distances = np.linalg.norm(updates - mean, axis=1)
+    assert ex.update_cosine(norms, distances) == pytest.approx(direct_update_cosine(updates), abs=1e-12)
+
+
+def test_update_cosine_limits():
+    same = np.tile(np.arange(1.0, 9.0), (3, 1))
+    assert ex.update_cosine(np.linalg.norm(same, axis=1), [0.0] * 3) == pytest.approx(1.0)
+    opposite = np.stack([np.ones(8), -np.ones(8)])  # mean 0: each update is its own distance
+    assert ex.update_cosine(np.linalg.norm(opposite, axis=1), np.linalg.norm(opposite, axis=1)) == pytest.approx(-1.0)
+    assert ex.update_cosine([1.0], [0.0]) is None  # one client: no pair
+    assert ex.update_cosine([0.0, 0.0], [0.0, 0.0]) is None  # nobody moved
+
+
+def test_client_update_cosine_is_measured_only_for_one_fedavg_adapter_per_client():
+    rng = np.random.default_rng(3)
+    rounds, clients, expected = [], [], []
+    for number in (1, 2):
+        updates = rng.normal(size=(3, 16)) + 1.0
+        rounds.append({"round": number, "algorithm": "firm", "aggregator": "fedavg"})
+        for update in updates:
+            clients.append({"round": number, "update_norm": float(np.linalg.norm(update)),
+                            "adapter_distance": float(np.linalg.norm(update - updates.mean(0)))})
+        expected.append(direct_update_cosine(updates))
+    assert ex.client_update_cosine(rounds, clients) == pytest.approx(np.mean(expected))
+    assert ex.client_update_cosine([dict(r, algorithm="fsmgda") for r in rounds], clients) is None
+    assert ex.client_update_cosine([dict(r, aggregator="median") for r in rounds], clients) is None
+    assert ex.client_update_cosine(rounds, [{k: v for k, v in c.items() if k != "update_norm"} for c in clients]) is None
+
+
+def test_step_geometry_total_variation_and_spread_by_hand():
+    # two clients, one round, three local steps; client 1's step 2 was skipped (not taken)
+    clients = [
+        {"round": 1, "step_lambda": [0.2, 0.8, 0.6, 0.4, 0.5, 0.5], "step_taken": [1, 1, 1],
+         "step_gram_distance": [1.0, 0.5, 0.0], "step_norm_ratio": [0.5, 0.5, 1.0], "step_cosine": [0.0, 0.5, 1.0]},
+        {"round": 1, "step_lambda": [0.4, 0.6, 0.4, 0.6, 0.0, 0.0], "step_taken": [1, 1, 0],
+         "step_gram_distance": [1.0, 1.0, 9.0], "step_norm_ratio": [1.0, 1.0, 9.0], "step_cosine": [0.0, 0.0, 9.0]},
+    ]
+    geometry = ex.step_geometry(clients, 2)
+    # client 0: |0.4| + |0.4| (step 0->1) + |0.1| + |0.1| (1->2) = 1.0; client 1: 0 over its taken steps
+    assert geometry["lambda_total_variation"] == pytest.approx(0.5)
+    # std across the 2 clients per step (population): step 0 0.1, step 1 0.1, step 2 only client 0 -> 0
+    assert geometry["lambda_step_spread"] == pytest.approx((0.1 + 0.1 + 0.0) / 3)
+    assert geometry["gram_distance"] == pytest.approx((1.0 + 0.5 + 0.0 + 1.0 + 1.0) / 5)  # skipped step left out
+    assert geometry["cosine"] == pytest.approx(1.5 / 5)

@@ -18,8 +18,9 @@ imports firm.cli.
 from firm.experiments.compare import compare_tables, run_compare
 from firm.experiments.execute import Failure, eval_command, execute_plan, train_command
 from firm.experiments.metrics import (REFERENCE_MARGIN_FRACTION, RunResult, Stat, aggregate,
-                                      hypervolume, rank_correlation, read_results, read_round_records,
-                                      reference_point, smoothness, summarize_run)
+                                      client_update_cosine, hypervolume, rank_correlation, read_results,
+                                      read_round_records, reference_point, smoothness, step_geometry,
+                                      summarize_run, update_cosine)
 from firm.experiments.pareto import MIN_PREFERENCES, default_preferences, order_follows, pareto_tables, run_pareto
 from firm.experiments.plan import (HARNESS_FLAGS_COMPARE, HARNESS_FLAGS_PARETO, MIN_SEEDS_FOR_CLAIMS,
                                    ExperimentError, ExperimentOptions, PlannedRun, TrainSettings, expected_config,
@@ -27,7 +28,8 @@ from firm.experiments.plan import (HARNESS_FLAGS_COMPARE, HARNESS_FLAGS_PARETO, 
 
 __all__ = ["ExperimentError", "ExperimentOptions", "Failure", "HARNESS_FLAGS_COMPARE", "HARNESS_FLAGS_PARETO",
            "MIN_PREFERENCES", "MIN_SEEDS_FOR_CLAIMS", "PlannedRun", "REFERENCE_MARGIN_FRACTION", "RunResult", "Stat",
-           "TrainSettings", "aggregate", "compare_tables", "default_preferences", "eval_command",
+           "TrainSettings", "aggregate", "client_update_cosine", "compare_tables", "default_preferences", "eval_command",
            "execute_plan", "expected_config", "hypervolume", "order_follows", "pareto_tables", "plan_compare",
            "plan_pareto", "plan_run", "rank_correlation", "read_results", "read_round_records", "reference_point",
-           "run_compare", "run_pareto", "run_status", "smoothness", "summarize_run", "train_command"]
+           "run_compare", "run_pareto", "run_status", "smoothness", "step_geometry", "summarize_run", "train_command",
+           "update_cosine"]

@@ -38,7 +38,8 @@ def compare_metrics(names: Sequence[str]) -> list[tuple[str, str, str, bool]]:
                 ("bytes_down_per_client", "bytes down / client / round", "1", False),
                 ("lambda_drift", "lambda drift (std across clients)", "3", False),
                 ("step_geometry/lambda_step_spread", "lambda spread across clients per local step", "3", False),
-                ("adapter_distance", "adapter distance from mean", "3", False)]
+                ("adapter_distance", "adapter distance from mean", "3", False),
+                ("update_cosine", "cosine between client updates", "3", True)]
     metrics += [(f"smoothness/{n}", f"smoothness {n} (std of changes)", "2", False) for n in names]
     metrics += [("step_geometry/lambda_total_variation", "lambda total variation per client-round", "2", False),
                 ("step_geometry/gram_distance", "Gram distance D per step", "", False),
@@ -53,7 +54,8 @@ def metric_value(summary: dict[str, Any], key: str) -> float | None:
 
 
 # Why a metric can be missing from a run's summary, by its head ("smoothness/helpful" -> smoothness).
-MISSING_NOTES = {"smoothness": "needs >= 3 rounds", "step_geometry": "no per-step records"}
+MISSING_NOTES = {"smoothness": "needs >= 3 rounds", "step_geometry": "no per-step records",
+                 "update_cosine": "one adapter per client and FedAvg only"}
 
 
 def missing_note(key: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from firm.config import ALGORITHMS
 from firm.experiments.execute import Failure, read_harness_record
 from firm.experiments.plan import ExperimentError, PlannedRun, eval_path
 from firm.rundir import STATE_FILE, RunDir
@@ -146,6 +147,45 @@ def step_geometry(clients: Sequence[dict[str, Any]], num_objectives: int) -> dic
             "cosine": taken_mean("step_cosine", pairs)}
 
 
+def update_cosine(norms: Sequence[float], distances: Sequence[float]) -> float | None:
+    """Cosine between the clients' updates u_c (client adapter - global adapter) in one round,
+    averaged over client pairs with weights |u_c| |u_d|:
+        sum_{c != d} u_c . u_d  /  sum_{c != d} |u_c| |u_d|.
+    1: every client moved the same way; 0: orthogonal updates; at least -1 / (K - 1).
+
+    It needs only what every client record holds, |u_c| (update_norm) and |u_c - mean u|
+    (adapter_distance, from FedAvg's unweighted mean): sum_c |u_c|^2 = K |mean u|^2 +
+    sum_c |u_c - mean u|^2 and sum_{c != d} u_c . u_d = K^2 |mean u|^2 - sum_c |u_c|^2.
+    None with fewer than 2 clients or no movement."""
+    n = np.asarray(norms, dtype=np.float64)
+    d = np.asarray(distances, dtype=np.float64)
+    k = len(n)
+    if k < 2 or len(d) != k:
+        return None
+    mean_sq = max((np.sum(n ** 2) - np.sum(d ** 2)) / k, 0.0)
+    pair_dots = k * k * mean_sq - np.sum(n ** 2)
+    pair_norms = np.sum(n) ** 2 - np.sum(n ** 2)
+    return float(pair_dots / pair_norms) if pair_norms > 0 else None
+
+
+def client_update_cosine(rounds: Sequence[dict[str, Any]], clients: Sequence[dict[str, Any]]) -> float | None:
+    """update_cosine averaged over rounds (claim 3: clients that agree move the same way). Only
+    for one adapter per client averaged by FedAvg: with fsmgda (one upload per objective) or a
+    median / trimmed-mean aggregate the identity behind it does not hold, and it is None."""
+    values = []
+    for record in rounds:
+        algorithm = ALGORITHMS.get(str(record.get("algorithm")))
+        if record.get("aggregator", "fedavg") != "fedavg" or algorithm is None or algorithm.per_objective_upload:
+            return None
+        members = [c for c in clients if c["round"] == record["round"]]
+        if not members or any("update_norm" not in c or "adapter_distance" not in c for c in members):
+            return None
+        value = update_cosine([c["update_norm"] for c in members], [c["adapter_distance"] for c in members])
+        if value is not None:
+            values.append(value)
+    return float(np.mean(values)) if values else None
+
+
 # ---- hypervolume --------------------------------------------------------------------------------
 def reference_point(all_rounds: Sequence[Sequence[dict[str, Any]]], names: Sequence[str],
                     margin_fraction: float = REFERENCE_MARGIN_FRACTION,
@@ -241,6 +281,7 @@ def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_p
                    if r.get("type") == "client" and r["round"] <= run.config.num_rounds]
         summary = summarize_run(rounds)
         summary["step_geometry"] = step_geometry(clients, len(summary["objectives"]))
+        summary["update_cosine"] = client_update_cosine(rounds, clients)
         last = [c for c in clients if c["round"] == rounds[-1]["round"]]
         summary["final_kl"] = float(rounds[-1]["kl"]) if "kl" in rounds[-1] else None
         summary["final_response_tokens"] = (float(np.mean([c["response_tokens"] for c in last]))
