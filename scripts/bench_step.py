@@ -9,6 +9,7 @@ harmless), one PPO pass over one minibatch: one optimiser step.
     python scripts/bench_step.py --anchor trl             # + TRL GRPO (pip install 'firm[bench]')
     python scripts/bench_step.py --variants               # + each generation / gradient trick alone
     python scripts/bench_step.py --steps 5 --json out.json
+    python scripts/bench_step.py --modes firm,fixed,firm-last-hidden   # + the opt-in MGDA-UB Gram
 
 Phases of a firm step: generate (sampling; in the current code it also yields the behaviour
 log-probs and the critic's inputs), old log-probs + values forward (a separate no-grad forward
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -471,7 +473,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", default="firm,fixed", help="comma-separated: firm, fixed ('' for none)")
+    parser.add_argument("--modes", default="firm,fixed",
+                        help="comma-separated: firm, fixed, firm-last-hidden (the opt-in approximate Gram; "
+                             "needs a checkout that has it) ('' for none)")
     parser.add_argument("--anchor", choices=("none", "trl"), default="none")
     parser.add_argument("--variants", action="store_true", help="also time each generation/gradient trick alone")
     parser.add_argument("--no-merge", action="store_true", help="sample with the LoRA unmerged")
@@ -494,10 +498,13 @@ def main() -> None:
     print(f"work unit: {args.batch_size} prompts x up to {args.max_new_tokens} new tokens, rewards "
           f"{config.rewards}, LoRA r{config.lora_r} on {config.lora_target_modules}, one optimiser step")
     batches = prompt_batches(unit[4], args.batch_size, args.steps + 1, args.seed)
-    classes = {"firm": FirmLocalTrainer, "fixed": fixed_weight_trainer_class(FirmLocalTrainer)}
+    classes = {"firm": FirmLocalTrainer, "fixed": fixed_weight_trainer_class(FirmLocalTrainer),
+               "firm-last-hidden": FirmLocalTrainer}
     results = {}
     for mode in filter(None, args.modes.split(",")):
-        results[mode] = run_mode(mode, classes[mode], args, config, unit, batches)
+        # firm-last-hidden: the opt-in approximate Gram (MGDA-UB), one backward per step
+        mode_config = dataclasses.replace(config, gram="last-hidden") if mode == "firm-last-hidden" else config
+        results[mode] = run_mode(mode, classes[mode], args, mode_config, unit, batches)
     trl = run_trl(args, config, unit, args.steps + 1) if args.anchor == "trl" else None
     variants = run_variants(args, config, unit, max(1, args.steps)) if args.variants else None
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -509,6 +516,11 @@ def main() -> None:
         ratios["firm update / fixed-weight single-backward update"] = (
             results["firm"]["update"] / results["fixed"]["update"])
         ratios["firm step / fixed-weight step"] = results["firm"]["step"] / results["fixed"]["step"]
+    if "firm-last-hidden" in results and "fixed" in results:
+        ratios["firm-last-hidden update / fixed-weight single-backward update"] = (
+            results["firm-last-hidden"]["update"] / results["fixed"]["update"])
+    if trl and "firm-last-hidden" in results:
+        ratios["firm-last-hidden step / TRL GRPO step"] = results["firm-last-hidden"]["step"] / trl["step"]
     if trl and "firm" in results:
         ratios["firm step / TRL GRPO step"] = results["firm"]["step"] / trl["step"]
         if "generate" in trl:

@@ -1,7 +1,8 @@
 """The fast paths of firm.trainer against the slow ones they replace, on the tiny Llama.
 
 * The sampling loop draws exactly the tokens transformers' generate() draws (same seed, LoRA
-  unmerged), and the log-probs and hidden states it keeps equal a separate full forward over
+  unmerged, generate()'s multinomial draw), its default inverse-CDF draw has the distribution it
+  is given, and the log-probs and hidden states it keeps equal a separate full forward over
   the sampled sequences (the old-log-prob forward it replaces), merged or not.
 * merged_lora gives the base back bit for bit, and a merged forward equals the unmerged one.
 * The batched per-objective backward equals M separate backward passes.
@@ -20,7 +21,8 @@ from transformers import LlamaForCausalLM
 
 from firm.models import MultiObjectiveValueHead, add_lora, lora_parameters, merged_lora
 from firm.ppo import clipped_surrogate_losses
-from firm.trainer import FirmLocalTrainer, RoundStats, objective_gradients, policy_forward, sample, _top_p_filter
+from firm.trainer import (FirmLocalTrainer, RoundStats, draw_tokens, multinomial_tokens, objective_gradients,
+                          policy_forward, sample, _top_p_filter)
 
 from test_trainer import LengthReward, LetterEReward, make_config, make_prompts
 
@@ -63,8 +65,35 @@ def test_sample_draws_the_tokens_transformers_generate_draws(policy, tiny_tokeni
                                     temperature=0.8, top_p=top_p, top_k=0, max_new_tokens=12, pad_token_id=pad,
                                     eos_token_id=eos, use_cache=True)
         torch.manual_seed(seed)
-        tokens, _, _ = sample(policy, enc.input_ids, enc.attention_mask, 12, 0.8, top_p, eos, pad)
+        tokens, _, _ = sample(policy, enc.input_ids, enc.attention_mask, 12, 0.8, top_p, eos, pad,
+                              draw=multinomial_tokens)
         assert torch.equal(tokens, reference[:, enc.input_ids.shape[1]:])
+
+
+def test_inverse_cdf_draw_has_the_distribution_it_is_given():
+    """draw_tokens (the default draw) against the probabilities, by a chi-square test per row on
+    60,000 draws; tokens of probability zero never come up, and rows need not be normalised."""
+    from scipy.stats import chisquare
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 40) * 2, -1)
+    probs[:, ::7] = 0.0  # as top-p leaves them
+    probs[1] *= 0.37  # unnormalised, as _top_p_filter returns them
+    draws = 60_000
+
+    def pvalue(row_probs: torch.Tensor, drawn: torch.Tensor, expected_probs: torch.Tensor) -> float:
+        counts = torch.bincount(drawn, minlength=40).double()
+        assert counts[expected_probs == 0].sum() == 0  # zero-probability tokens never come up
+        keep = expected_probs > 0
+        expected = (expected_probs[keep].double() / expected_probs[keep].double().sum()).numpy() * draws
+        return chisquare(counts[keep].numpy(), expected * (draws / expected.sum())).pvalue
+
+    samples = draw_tokens(probs.repeat_interleave(draws, 0)).reshape(3, draws)
+    for row in range(3):
+        assert pvalue(probs[row], samples[row], probs[row]) > 1e-3
+    biased = probs[0].clone()
+    biased[biased.argmax()] *= 1.1  # the test can fail: draws with the likeliest token 10 % heavier
+    assert pvalue(probs[0], draw_tokens(biased[None].repeat(draws, 1)), probs[0]) < 1e-6
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -83,6 +112,7 @@ def test_sampled_logprobs_and_hidden_equal_a_full_forward(policy, tiny_tokenizer
         full_logprobs, full_hidden = policy_forward(policy, input_ids, attention_mask, tokens.shape[1], 0.8)
     keep = mask.bool()
     assert keep.sum() > 8
+    assert torch.isfinite(logprobs).all() and (logprobs[~keep] == 0).all()  # the pad after EOS adds nothing
     torch.testing.assert_close(logprobs[keep], full_logprobs[keep], **TOL)
     torch.testing.assert_close(hidden[keep], full_hidden[keep], **TOL)
 

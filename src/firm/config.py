@@ -53,6 +53,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
 )}
 PARTITIONS = ("iid", "dirichlet", "category")
 
+# How the Gram matrix the weights are solved on is built (see FirmConfig.gram).
+GRAMS = ("exact", "last-hidden")
+
 # Local optimisers (see FirmConfig.optimizer).
 OPTIMIZERS = ("adamw-reset", "adamw", "sgd")
 
@@ -177,6 +180,8 @@ class FirmConfig:
     """strength of the pull of lambda towards the preference (the paper: 0.01)"""
     preference: str = ""
     """comma-separated preference over objectives, summing to 1 ('' = uniform)"""
+    gram: str = "exact"
+    """exact: G from the M gradients on the LoRA parameters (one forward, M backward passes); last-hidden: MGDA-UB, G from the gradients at the policy's last hidden states and one backward of sum_m lambda_m L_m: a cheaper step whose lambda is approximate (agreement in docs/performance.md); not for fsmgda"""
 
     # --- robustness ------------------------------------------------------------------------
     aggregator: str = "fedavg"
@@ -230,6 +235,9 @@ class FirmConfig:
         need(self.algorithm in ALGORITHMS, f"algorithm must be one of {tuple(ALGORITHMS)}, got {self.algorithm!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        need(self.gram in GRAMS, f"gram must be one of {GRAMS}, got {self.gram!r}")
+        need(self.gram == "exact" or not self.algorithm_spec().per_objective_upload,
+             f"gram = {self.gram} applies to the in-client algorithms; {self.algorithm} solves its weights on the server")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
                      "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens", "kl_horizon"):

@@ -22,9 +22,14 @@ Speed tricks, all exact (tests/test_fast_paths.py compares each with the slow pa
 docs/performance.md): no separate old-log-prob forward, the behaviour log-probs and the critic's
 hidden states come out of the sampling pass (equal to a full forward to float rounding); the
 LoRA adapter is merged into the base weights while sampling and the base is restored bit for
-bit after (models.merged_lora); the sampling loop draws exactly the tokens transformers'
-generate() would. Optional: the M per-objective gradients from one vmapped backward
+bit after (models.merged_lora); the sampling loop is transformers' generate() token for token
+when given generate()'s multinomial draw, and by default draws each token by inverse CDF (one
+uniform number per row instead of one per vocabulary entry; the same distribution, tested). Optional: the M per-objective gradients from one vmapped backward
 (``batched_objective_gradients``) instead of M backward passes.
+
+Approximate, opt-in (``gram = last-hidden``): MGDA-UB's weights from the gradients at the last
+hidden states and one backward of the weighted loss; lambda's agreement with the exact one is
+measured in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -135,8 +140,10 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tor
     return (~after_eos).float()
 
 
-def policy_forward(model, input_ids, attention_mask, response_length: int, temperature: float):
-    """Per-token log-probs of the response tokens and the hidden states that predicted them."""
+def policy_outputs(model, input_ids, attention_mask, response_length: int, temperature: float):
+    """Per-token log-probs of the response tokens, the hidden states that predicted them, and the
+    whole last hidden-state tensor [B, L, H] the log-probs were computed from (the representation
+    every LoRA gradient flows through; gram = last-hidden differentiates with respect to it)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -148,7 +155,13 @@ def policy_forward(model, input_ids, attention_mask, response_length: int, tempe
     logits = out.logits[:, :-1, :] / temperature
     targets = input_ids[:, -response_length:]
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    hidden = out.hidden_states[-1][:, -response_length - 1 : -1, :]
+    representation = out.hidden_states[-1]
+    return logprobs, representation[:, -response_length - 1 : -1, :], representation
+
+
+def policy_forward(model, input_ids, attention_mask, response_length: int, temperature: float):
+    """Per-token log-probs of the response tokens and the hidden states that predicted them."""
+    logprobs, hidden, _ = policy_outputs(model, input_ids, attention_mask, response_length, temperature)
     return logprobs, hidden
 
 
@@ -162,13 +175,30 @@ class Generation:
     hidden: torch.Tensor  # [B, T, H] last hidden state that predicted each sampled token
 
 
+def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` ([B, V], unnormalised, >= 0) by inverse CDF: one uniform
+    number per row, located in the row's running sum (float64). The same distribution as
+    torch.multinomial(probs, 1), which draws one exponential number per vocabulary entry: with
+    SmolLM2's 49,152 tokens that was 10% of generation on a 2-core CPU (docs/performance.md).
+    Zero-probability tokens are never drawn."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def multinomial_tokens(probs: torch.Tensor) -> torch.Tensor:
+    """transformers' generate() draw: the same tokens as generate() for the same seed."""
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, max_new_tokens: int, temperature: float, top_p: float,
-           eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           eos_token_id: int, pad_token_id: int, draw=draw_tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ancestral sampling with a KV cache: [B, T] tokens, the log-prob of each under the tempered
     distribution softmax(logits / temperature) it was drawn from, and the [B, T, H] last hidden
     states that predicted them. After a row's EOS it gets pad tokens; the loop stops when every
-    row has finished. Positions skip left padding, as in policy_forward."""
+    row has finished. Positions skip left padding, as in policy_forward. ``draw`` picks a token
+    per row from the probabilities (multinomial_tokens reproduces generate() token for token)."""
     batch = input_ids.shape[0]
     step_ids, mask, positions = input_ids, attention_mask, position_ids_from_mask(attention_mask)
     cache: dict = {}
@@ -181,14 +211,14 @@ def sample(model, input_ids, attention_mask, max_new_tokens: int, temperature: f
         cache = {"cache": out.cache} if getattr(out, "cache", None) is not None else {
             "past_key_values": out.past_key_values}
         scores = out.logits[:, -1].float() / temperature
-        step_logprobs = torch.log_softmax(scores, dim=-1)
         probs = torch.softmax(scores, dim=-1)  # as transformers' sampling computes it
-        if top_p < 1.0:
-            probs = _top_p_filter(probs, top_p)
-        next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        next_tokens = draw(_top_p_filter(probs, top_p) if top_p < 1.0 else probs)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
         tokens.append(next_tokens)
-        logprobs.append(step_logprobs.gather(-1, next_tokens[:, None]).squeeze(-1))
+        # log of the drawn token's probability, one full-vocabulary pass fewer than a log_softmax
+        # (a drawn token's probability is never 0; the pad after EOS may be, so it gets 0)
+        drawn = probs.gather(-1, next_tokens[:, None]).squeeze(-1)
+        logprobs.append(torch.where(unfinished, torch.log(drawn), torch.zeros_like(drawn)))
         hidden.append(out.hidden_states[-1][:, -1])
         unfinished &= next_tokens != eos_token_id
         if not unfinished.any():
@@ -248,6 +278,19 @@ def objective_gradients(losses: torch.Tensor, params: Sequence[torch.Tensor], ba
         grads = torch.autograd.grad(losses[m], list(params), retain_graph=m < M - 1, allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
     return torch.stack(rows).double()
+
+
+def representation_gradients(losses: torch.Tensor, representation: torch.Tensor) -> torch.Tensor:
+    """[M, N] float64: row m is the gradient of losses[m] with respect to the policy's last hidden
+    states (``representation``, [B, L, H]), flattened. MGDA-UB (Sener & Koltun, 2018) solves the
+    weights on the Gram of these instead of the parameter gradients: it bounds the min-norm problem
+    from above, and it costs one vmapped backward through the LM head only. The graph is kept for
+    the step's own backward."""
+    M = losses.shape[0]
+    eye = torch.eye(M, dtype=losses.dtype, device=losses.device)
+    (grads,) = torch.autograd.grad(losses, [representation], grad_outputs=eye, is_grads_batched=True,
+                                   retain_graph=True)
+    return grads.reshape(M, -1).double()
 
 
 def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str],
@@ -362,39 +405,30 @@ class FirmLocalTrainer:
         cfg = self.config
         mask = rollout.response_mask[idx]
         self.policy.train()
-        logprobs, hidden = policy_forward(self.policy, rollout.input_ids[idx], rollout.attention_mask[idx],
-                                          rollout.response_length, cfg.temperature)
+        logprobs, hidden, representation = policy_outputs(self.policy, rollout.input_ids[idx],
+                                                           rollout.attention_mask[idx], rollout.response_length,
+                                                           cfg.temperature)
         losses, pg_stats = clipped_surrogate_losses(logprobs, rollout.logprobs[idx], advantages[idx], mask,
                                                     cfg.clip_range)
-        # Per-objective gradients from the one graph (one forward, M backward passes). With the KL
-        # outside the objectives (kl_in_objectives = false) its loss is one more row, whose
-        # gradient is added after the weights are solved.
-        rows = losses
-        if not cfg.kl_in_objectives:
-            kl_loss = self.kl_controller.value * kl_penalty_loss(logprobs, rollout.ref_logprobs[idx], mask)
-            rows = torch.cat([losses, kl_loss.reshape(1)])
-        gradients = objective_gradients(rows, self.lora_params, batched=self.batched_objective_gradients)
-        flat = gradients[: self.num_objectives]  # [M, D]
-        kl_grad = None if cfg.kl_in_objectives else gradients[self.num_objectives]
+        # With the KL outside the objectives (kl_in_objectives = false) its loss is added to the
+        # step after the weights are solved; it never enters the Gram matrix.
+        kl_loss = (None if cfg.kl_in_objectives
+                   else self.kl_controller.value * kl_penalty_loss(logprobs, rollout.ref_logprobs[idx], mask))
         values = self.value_head(hidden)
         value_loss, _ = clipped_value_loss(values, rollout.values[idx], returns[idx], mask, cfg.clip_range_value)
 
-        if not (torch.isfinite(flat).all() and torch.isfinite(value_loss)) or not flat.abs().sum() > 0 \
-                or (kl_grad is not None and not torch.isfinite(kl_grad).all()):
+        solved = None
+        if torch.isfinite(value_loss):
+            if cfg.gram == "exact":
+                solved = self.exact_policy_gradient(losses, kl_loss)
+            else:
+                solved = self.last_hidden_policy_gradient(losses, kl_loss, representation)
+        if solved is None:
             stats.skipped_steps += 1  # never apply a non-finite or empty direction
             stats.step_records.append(self.skipped_record())
             self.optimizer.zero_grad(set_to_none=True)
             return
-        gram = (flat @ flat.T).cpu().numpy()
-        weights = self.objective_weights(gram)
-        direction = torch.from_numpy(weights).to(flat) @ flat  # sum_m lambda_m g_m
-        if kl_grad is not None:
-            direction = direction + kl_grad
-        offset = 0
-        for p in self.lora_params:
-            n = p.numel()
-            p.grad = direction[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
+        gram, weights = solved
         (cfg.value_coef * value_loss).backward()  # the critic's gradient (head only)
         # Clip policy and critic separately: a large critic gradient must not shrink the
         # MGDA direction.
@@ -413,6 +447,56 @@ class FirmLocalTrainer:
         stats.value_losses.append(float(value_loss.detach()))
         stats.approx_kls.append(float(pg_stats["approx_kl"]))
         stats.clipfracs.append(float(pg_stats["clipfrac"].mean()))
+
+    def set_policy_gradient(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.lora_params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def exact_policy_gradient(self, losses: torch.Tensor, kl_loss: torch.Tensor | None
+                              ) -> tuple[np.ndarray, np.ndarray] | None:
+        """gram = exact: the M per-objective LoRA gradients from the one graph (one forward, M
+        backward passes; the KL loss, when outside the objectives, is one more row whose gradient
+        is added after the weights are solved). Sets the LoRA grads to sum_m lambda_m g_m and
+        returns (G, lambda); None when a gradient is non-finite or all of them are zero."""
+        rows = losses if kl_loss is None else torch.cat([losses, kl_loss.reshape(1)])
+        gradients = objective_gradients(rows, self.lora_params, batched=self.batched_objective_gradients)
+        flat = gradients[: self.num_objectives]  # [M, D]
+        kl_grad = None if kl_loss is None else gradients[self.num_objectives]
+        if not torch.isfinite(flat).all() or not flat.abs().sum() > 0 \
+                or (kl_grad is not None and not torch.isfinite(kl_grad).all()):
+            return None
+        gram = (flat @ flat.T).cpu().numpy()
+        weights = self.objective_weights(gram)
+        direction = torch.from_numpy(weights).to(flat) @ flat  # sum_m lambda_m g_m
+        if kl_grad is not None:
+            direction = direction + kl_grad
+        self.set_policy_gradient(direction)
+        return gram, weights
+
+    def last_hidden_policy_gradient(self, losses: torch.Tensor, kl_loss: torch.Tensor | None,
+                                    representation: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """gram = last-hidden (MGDA-UB): the weights from the Gram of the gradients at the last
+        hidden states (one backward through the LM head), then ONE backward of
+        sum_m lambda_m L_m (+ the KL loss). The step is exactly sum_m lambda_m g_m for the lambda
+        it used; only lambda is approximate. Returns (that Gram, lambda) or None as above."""
+        z = representation_gradients(losses, representation)
+        if not torch.isfinite(z).all() or not z.abs().sum() > 0:
+            return None
+        gram = (z @ z.T).cpu().numpy()
+        weights = self.objective_weights(gram)
+        total = torch.from_numpy(weights).to(losses) @ losses
+        if kl_loss is not None:
+            total = total + kl_loss
+        grads = torch.autograd.grad(total, self.lora_params, allow_unused=True)
+        direction = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(grads, self.lora_params)])
+        if not torch.isfinite(direction).all():
+            return None
+        self.set_policy_gradient(direction)
+        return gram, weights
 
     def skipped_record(self) -> StepRecord:
         pairs = self.num_objectives * (self.num_objectives - 1) // 2

@@ -1,0 +1,116 @@
+"""gram = last-hidden (MGDA-UB, issue 12): the weights are solved on the Gram of the gradients at
+the policy's last hidden states, and the step is still exactly sum_m lambda_m g_m for the lambda
+it used. Checked against per-objective gradients taken one by one."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from firm.config import ConfigError, build_config
+from firm.mgda import solve_weights
+from firm.ppo import clipped_surrogate_losses, kl_penalty_loss
+from firm.trainer import (RoundStats, objective_gradients, policy_forward, policy_outputs,
+                          representation_gradients)
+from test_trainer import RecordingTrainer, make_base, make_config, make_prompts, make_trainer, one_minibatch, wrap
+
+
+@pytest.fixture
+def policy(tiny_llama_config):
+    return wrap(make_base(tiny_llama_config))
+
+
+def minibatch_losses(trainer, rollout, idx, advantages):
+    cfg = trainer.config
+    logprobs, hidden, representation = policy_outputs(trainer.policy, rollout.input_ids[idx],
+                                                      rollout.attention_mask[idx], rollout.response_length,
+                                                      cfg.temperature)
+    losses, _ = clipped_surrogate_losses(logprobs, rollout.logprobs[idx], advantages[idx],
+                                         rollout.response_mask[idx], cfg.clip_range)
+    return logprobs, losses, representation
+
+
+def test_policy_forward_is_policy_outputs_without_the_representation(policy, tiny_tokenizer):
+    trainer = make_trainer(policy, tiny_tokenizer, make_config())
+    rollout, idx, _, _ = one_minibatch(trainer)
+    with torch.no_grad():
+        logprobs, hidden = policy_forward(policy, rollout.input_ids, rollout.attention_mask,
+                                          rollout.response_length, 0.8)
+        same_logprobs, same_hidden, representation = policy_outputs(policy, rollout.input_ids,
+                                                                   rollout.attention_mask, rollout.response_length, 0.8)
+    torch.testing.assert_close(logprobs, same_logprobs, rtol=0, atol=0)
+    torch.testing.assert_close(hidden, same_hidden, rtol=0, atol=0)
+    T = rollout.response_length
+    torch.testing.assert_close(representation[:, -T - 1:-1], hidden, rtol=0, atol=0)
+
+
+def test_representation_gradients_are_the_per_objective_gradients_at_the_last_hidden_states(policy, tiny_tokenizer):
+    trainer = make_trainer(policy, tiny_tokenizer, make_config())
+    rollout, idx, advantages, _ = one_minibatch(trainer)
+    _, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
+    batched = representation_gradients(losses, representation)
+    one_by_one = torch.stack([torch.autograd.grad(losses[m], representation, retain_graph=True)[0].reshape(-1)
+                              for m in range(losses.shape[0])]).double()
+    assert batched.shape == one_by_one.shape and batched.abs().sum() > 0
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kl_in_objectives", [True, False])
+def test_last_hidden_step_is_the_weighted_sum_of_exact_gradients_for_its_lambda(policy, tiny_tokenizer,
+                                                                                kl_in_objectives):
+    config = make_config(gram="last-hidden", kl_in_objectives=kl_in_objectives, kl_coef=0.5)
+    trainer = make_trainer(policy, tiny_tokenizer, config, trainer_cls=RecordingTrainer)
+    with torch.no_grad():  # off the reference, so that the KL loss has a gradient
+        for p in trainer.lora_params:
+            p.add_(0.05 * torch.randn_like(p))
+    rollout, idx, advantages, _ = one_minibatch(trainer)
+    logprobs, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
+    kl_loss = None if kl_in_objectives else config.kl_coef * kl_penalty_loss(
+        logprobs, rollout.ref_logprobs[idx], rollout.response_mask[idx])
+    # what the step should be, from the exact per-objective gradients of the same graph
+    rows = losses if kl_loss is None else torch.cat([losses, kl_loss.reshape(1)])
+    exact = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(row, trainer.lora_params,
+                                                                               retain_graph=True)])
+                         for row in rows]).double()
+    z = representation_gradients(losses, representation)
+    expected_gram = (z @ z.T).numpy()
+    solved = trainer.last_hidden_policy_gradient(losses, kl_loss, representation)
+    assert solved is not None
+    gram, weights = solved
+    np.testing.assert_allclose(gram, expected_gram, rtol=1e-10)
+    np.testing.assert_allclose(weights, solve_weights(expected_gram, beta=config.beta,
+                                                      preference=trainer.preference), rtol=1e-10)
+    expected = torch.from_numpy(weights) @ exact[:2] + (0 if kl_loss is None else exact[2])
+    applied = torch.cat([p.grad.reshape(-1) for p in trainer.lora_params]).double()
+    torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_a_round_with_the_last_hidden_gram_records_lambda_on_the_simplex(policy, tiny_tokenizer):
+    trainer = make_trainer(policy, tiny_tokenizer, make_config(gram="last-hidden"), trainer_cls=RecordingTrainer)
+    stats = trainer.train_round(make_prompts(), random.Random(0))
+    assert stats.steps == 4 and stats.skipped_steps == 0
+    for weights in stats.lambdas:
+        assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0)
+    assert len(trainer.grams) == 4
+
+
+def test_last_hidden_gram_differs_from_the_exact_one(policy, tiny_tokenizer):
+    """It is an approximation: same graph, different Gram (so it must stay opt-in)."""
+    trainer = make_trainer(policy, tiny_tokenizer, make_config())
+    rollout, idx, advantages, _ = one_minibatch(trainer)
+    _, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
+    z = representation_gradients(losses, representation)  # keeps the graph
+    g = objective_gradients(losses, trainer.lora_params)
+    approx, exact = (z @ z.T).numpy(), (g @ g.T).numpy()
+    assert not np.allclose(approx / np.trace(approx), exact / np.trace(exact), rtol=1e-3)
+
+
+def test_gram_setting_is_validated():
+    assert build_config("default", {"gram": "last-hidden"}).gram == "last-hidden"
+    with pytest.raises(ConfigError, match="gram must be one of"):
+        build_config("default", {"gram": "approx"})
+    with pytest.raises(ConfigError, match="fsmgda solves its weights on the server"):
+        build_config("default", {"gram": "last-hidden", "algorithm": "fsmgda"})
