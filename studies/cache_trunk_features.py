@@ -42,12 +42,16 @@ def main() -> None:
     parser.add_argument("--backbone", choices=sorted(BLOCKS), default="smollm2")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-response-tokens", type=int, default=96)
+    parser.add_argument("--blocks", default=None,
+                        help="comma-separated blocks to keep (default: %s)" % {k: v for k, v in BLOCKS.items()})
+    parser.add_argument("--max-pairs", type=int, default=None,
+                        help="only the first N training pairs (whole chunks): a quick look before the full run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, _ = split_by_prompt(load_pairs(args.data), 0.2, 0)
-    blocks = BLOCKS[args.backbone]
+    blocks = tuple(int(b) for b in args.blocks.split(",")) if args.blocks else BLOCKS[args.backbone]
     base, tokenizer = load_base(args.backbone, None, max(blocks))
     base.eval()
     causal = BACKBONES[args.backbone]["kind"] == "causal-lm"
@@ -58,7 +62,8 @@ def main() -> None:
         module.register_forward_hook(lambda m, i, output, block=block: captured.__setitem__(
             block, output[0] if isinstance(output, tuple) else output))
     started = time.perf_counter()
-    starts = list(range(0, len(train), CHUNK_PAIRS))
+    limit = len(train) if args.max_pairs is None else min(len(train), args.max_pairs)
+    starts = list(range(0, limit, CHUNK_PAIRS))
     for chunk_start in reversed(starts) if args.reverse else starts:
         if (chunk_start // CHUNK_PAIRS) % args.workers != args.worker:
             continue
