@@ -498,13 +498,14 @@ def main() -> None:
     print(f"work unit: {args.batch_size} prompts x up to {args.max_new_tokens} new tokens, rewards "
           f"{config.rewards}, LoRA r{config.lora_r} on {config.lora_target_modules}, one optimiser step")
     batches = prompt_batches(unit[4], args.batch_size, args.steps + 1, args.seed)
-    classes = {"firm": FirmLocalTrainer, "fixed": fixed_weight_trainer_class(FirmLocalTrainer),
-               "firm-last-hidden": FirmLocalTrainer}
+    # mode: (trainer class, settings changed from the work unit's); firm-last-hidden is the opt-in
+    # approximate Gram (MGDA-UB), one full backward per step
+    modes = {"firm": (FirmLocalTrainer, {}), "fixed": (fixed_weight_trainer_class(FirmLocalTrainer), {}),
+             "firm-last-hidden": (FirmLocalTrainer, {"gram": "last-hidden"})}
     results = {}
     for mode in filter(None, args.modes.split(",")):
-        # firm-last-hidden: the opt-in approximate Gram (MGDA-UB), one backward per step
-        mode_config = dataclasses.replace(config, gram="last-hidden") if mode == "firm-last-hidden" else config
-        results[mode] = run_mode(mode, classes[mode], args, mode_config, unit, batches)
+        trainer_cls, changes = modes[mode]
+        results[mode] = run_mode(mode, trainer_cls, args, dataclasses.replace(config, **changes), unit, batches)
     trl = run_trl(args, config, unit, args.steps + 1) if args.anchor == "trl" else None
     variants = run_variants(args, config, unit, max(1, args.steps)) if args.variants else None
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -488,9 +488,7 @@ class FirmLocalTrainer:
         total = torch.from_numpy(weights).to(losses) @ losses
         if kl_loss is not None:
             total = total + kl_loss
-        grads = torch.autograd.grad(total, self.lora_params, allow_unused=True)
-        direction = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(grads, self.lora_params)])
+        direction = objective_gradients(total.reshape(1), self.lora_params)[0]
         if not torch.isfinite(direction).all():
             return None
         self.set_policy_gradient(direction)
