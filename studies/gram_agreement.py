@@ -37,7 +37,7 @@ from firm.mgda import solve_weights
 from firm.models import MultiObjectiveValueHead, adapter_state, load_adapter_state
 from firm.prompts import load_embedded_prompts
 from firm.rewards import build_rewards
-from firm.trainer import FirmLocalTrainer, representation_gradients
+from firm.trainer import FirmLocalTrainer, last_hidden_gram, logprob_hidden_gradients, token_loss_weights
 
 BETAS = (0.0, 0.01, 0.1, 1.0)
 GROUPS = ("decline", "ordinary")
@@ -49,14 +49,15 @@ class AgreementTrainer(FirmLocalTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.representation: torch.Tensor | None = None  # set by the policy_outputs wrapper
+        self.outputs: tuple | None = None  # (log-probs, hidden, representation), set by the policy_outputs wrapper
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (exact G, last-hidden G) per taken step
         self.seconds = {"exact": 0.0, "last-hidden": 0.0}
 
     def exact_policy_gradient(self, losses, kl_loss):
         started = time.perf_counter()
-        z = representation_gradients(losses, self.representation)
-        approx = (z @ z.T).cpu().numpy()
+        logprobs, _, representation = self.outputs
+        approx = last_hidden_gram(token_loss_weights(losses, logprobs),
+                                  logprob_hidden_gradients(logprobs, representation))
         self.seconds["last-hidden"] += time.perf_counter() - started
         started = time.perf_counter()
         solved = super().exact_policy_gradient(losses, kl_loss)
@@ -71,7 +72,7 @@ def capture_representation(trainer: AgreementTrainer):
 
     def wrapped(*args, **kwargs):
         outputs = original(*args, **kwargs)
-        trainer.representation = outputs[2]
+        trainer.outputs = outputs
         return outputs
 
     trainer_module.policy_outputs = wrapped

@@ -13,8 +13,8 @@ import torch
 from firm.config import ConfigError, build_config
 from firm.mgda import solve_weights
 from firm.ppo import clipped_surrogate_losses, kl_penalty_loss
-from firm.trainer import (RoundStats, objective_gradients, policy_forward, policy_outputs,
-                          representation_gradients)
+from firm.trainer import (last_hidden_gram, logprob_hidden_gradients, objective_gradients, policy_forward,
+                          policy_outputs, token_loss_weights)
 from test_trainer import RecordingTrainer, make_base, make_config, make_prompts, make_trainer, one_minibatch, wrap
 
 
@@ -47,17 +47,38 @@ def test_policy_forward_is_policy_outputs_without_the_representation(policy, tin
     torch.testing.assert_close(representation[:, -T - 1:-1], hidden, rtol=0, atol=0)
 
 
-def test_representation_gradients_are_the_per_objective_gradients_at_the_last_hidden_states(policy, tiny_tokenizer):
+def representation_gram(losses, representation):
+    """The reference: the per-objective gradients at the last hidden states, taken whole by one
+    vmapped backward, and their Gram."""
+    eye = torch.eye(losses.shape[0], dtype=losses.dtype)
+    (z,) = torch.autograd.grad(losses, [representation], grad_outputs=eye, is_grads_batched=True, retain_graph=True)
+    z = z.reshape(losses.shape[0], -1).double()
+    assert z.abs().sum() > 0
+    return (z @ z.T).numpy()
+
+
+def test_each_hidden_gradient_is_its_own_tokens_log_prob_gradient(policy, tiny_tokenizer):
     trainer = make_trainer(policy, tiny_tokenizer, make_config())
     rollout, idx, advantages, _ = one_minibatch(trainer)
-    _, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
-    rows = representation_gradients(losses, representation)
-    eye = torch.eye(losses.shape[0], dtype=losses.dtype)  # an independent route: one vmapped backward
-    (batched,) = torch.autograd.grad(losses, [representation], grad_outputs=eye, is_grads_batched=True,
-                                     retain_graph=True)
-    batched = batched.reshape(losses.shape[0], -1).double()
-    assert rows.shape == batched.shape and rows.abs().sum() > 0
-    torch.testing.assert_close(rows, batched, rtol=1e-5, atol=1e-9)
+    logprobs, _, representation = minibatch_losses(trainer, rollout, idx, advantages)
+    hidden_gradients = logprob_hidden_gradients(logprobs, representation)
+    B, T = logprobs.shape
+    assert hidden_gradients.shape == (B, T, representation.shape[-1])
+    L = representation.shape[1]
+    for b, t in [(0, 0), (B - 1, T - 1), (B // 2, T // 2)]:
+        (alone,) = torch.autograd.grad(logprobs[b, t], representation, retain_graph=True)
+        position = L - T - 1 + t
+        torch.testing.assert_close(hidden_gradients[b, t], alone[b, position], rtol=1e-5, atol=1e-7)
+        alone[b, position] = 0  # nothing anywhere else: the factorisation last_hidden_gram relies on
+        assert alone.abs().max() == 0
+
+
+def test_last_hidden_gram_is_the_gram_of_the_gradients_at_the_last_hidden_states(policy, tiny_tokenizer):
+    trainer = make_trainer(policy, tiny_tokenizer, make_config())
+    rollout, idx, advantages, _ = one_minibatch(trainer)
+    logprobs, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
+    gram = last_hidden_gram(token_loss_weights(losses, logprobs), logprob_hidden_gradients(logprobs, representation))
+    np.testing.assert_allclose(gram, representation_gram(losses, representation), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kl_in_objectives", [True, False])
@@ -77,14 +98,13 @@ def test_last_hidden_step_is_the_weighted_sum_of_exact_gradients_for_its_lambda(
     exact = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(row, trainer.lora_params,
                                                                                retain_graph=True)])
                          for row in rows]).double()
-    z = representation_gradients(losses, representation)
-    expected_gram = (z @ z.T).numpy()
-    solved = trainer.last_hidden_policy_gradient(losses, kl_loss, representation)
+    expected_gram = representation_gram(losses, representation)
+    solved = trainer.last_hidden_policy_gradient(losses, kl_loss, logprobs, representation)
     assert solved is not None
     gram, weights = solved
-    np.testing.assert_allclose(gram, expected_gram, rtol=1e-10)
-    np.testing.assert_allclose(weights, solve_weights(expected_gram, beta=config.beta,
-                                                      preference=trainer.preference), rtol=1e-10)
+    np.testing.assert_allclose(gram, expected_gram, rtol=1e-5)
+    np.testing.assert_allclose(weights, solve_weights(gram, beta=config.beta, preference=trainer.preference),
+                               rtol=1e-10)
     expected = torch.from_numpy(weights) @ exact[:2] + (0 if kl_loss is None else exact[2])
     applied = torch.cat([p.grad.reshape(-1) for p in trainer.lora_params]).double()
     torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-8)
@@ -104,9 +124,9 @@ def test_last_hidden_gram_differs_from_the_exact_one(policy, tiny_tokenizer):
     trainer = make_trainer(policy, tiny_tokenizer, make_config())
     rollout, idx, advantages, _ = one_minibatch(trainer)
     _, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
-    z = representation_gradients(losses, representation)  # keeps the graph
+    approx = representation_gram(losses, representation)  # keeps the graph
     g = objective_gradients(losses, trainer.lora_params)
-    approx, exact = (z @ z.T).numpy(), (g @ g.T).numpy()
+    exact = (g @ g.T).numpy()
     assert not np.allclose(approx / np.trace(approx), exact / np.trace(exact), rtol=1e-3)
 
 

@@ -280,15 +280,31 @@ def objective_gradients(losses: torch.Tensor, params: Sequence[torch.Tensor], ba
     return torch.stack(rows).double()
 
 
-def representation_gradients(losses: torch.Tensor, representation: torch.Tensor) -> torch.Tensor:
-    """[M, N] float64: row m is the gradient of losses[m] with respect to the policy's last hidden
-    states (``representation``, [B, L, H]), flattened. MGDA-UB (Sener & Koltun, 2018) solves the
-    weights on the Gram of these instead of the parameter gradients: it bounds the min-norm problem
-    from above, and it costs M backward passes through the LM head only (a vmapped backward,
-    is_grads_batched, was 2-3x slower here: its log-softmax backward falls back to a loop). The
-    graph is kept for the step's own backward."""
-    rows = [torch.autograd.grad(loss, representation, retain_graph=True)[0].reshape(-1) for loss in losses]
-    return torch.stack(rows).double()
+def token_loss_weights(rows: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """[R, B, T]: d rows[r] / d logprobs[b, t], each loss row's weight on each response token's
+    log-prob. A backward through the loss arithmetic only; the model's graph is kept."""
+    return torch.stack([torch.autograd.grad(row, logprobs, retain_graph=True)[0] for row in rows])
+
+
+def logprob_hidden_gradients(logprobs: torch.Tensor, representation: torch.Tensor) -> torch.Tensor:
+    """[B, T, H]: the gradient of each response token's log-prob at the last hidden state that
+    predicted it (``representation`` is policy_outputs' [B, L, H] tensor). A log-prob reads only
+    its own position's hidden state, so the gradient of their sum separates by position: ONE
+    backward through the LM head gives all of them. The model's graph is kept."""
+    T = logprobs.shape[1]
+    (grad,) = torch.autograd.grad(logprobs, representation, grad_outputs=torch.ones_like(logprobs),
+                                  retain_graph=True)
+    return grad[:, -T - 1 : -1]
+
+
+def last_hidden_gram(token_weights: torch.Tensor, hidden_gradients: torch.Tensor) -> np.ndarray:
+    """[M, M] float64 MGDA-UB Gram (Sener & Koltun, 2018) of the M losses' gradients at the last
+    hidden states. Loss m's gradient there is token_weights[m, b, t] * hidden_gradients[b, t] at
+    each response position (the chain rule through that position's log-prob), so
+    G_ij = sum_{b,t} w_i w_j |v_bt|^2: no per-objective backward at all."""
+    weights = token_weights.double().reshape(token_weights.shape[0], -1)
+    squared_norms = hidden_gradients.double().pow(2).sum(-1).reshape(1, -1)
+    return ((weights * squared_norms) @ weights.T).cpu().numpy()
 
 
 def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str],
@@ -420,7 +436,7 @@ class FirmLocalTrainer:
             if cfg.gram == "exact":
                 solved = self.exact_policy_gradient(losses, kl_loss)
             else:
-                solved = self.last_hidden_policy_gradient(losses, kl_loss, representation)
+                solved = self.last_hidden_policy_gradient(losses, kl_loss, logprobs, representation)
         if solved is None:
             stats.skipped_steps += 1  # never apply a non-finite or empty direction
             stats.step_records.append(self.skipped_record())
@@ -475,23 +491,31 @@ class FirmLocalTrainer:
         return gram, weights
 
     def last_hidden_policy_gradient(self, losses: torch.Tensor, kl_loss: torch.Tensor | None,
-                                    representation: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+                                    logprobs: torch.Tensor, representation: torch.Tensor
+                                    ) -> tuple[np.ndarray, np.ndarray] | None:
         """gram = last-hidden (MGDA-UB): the weights from the Gram of the gradients at the last
-        hidden states (one backward through the LM head), then ONE backward of
-        sum_m lambda_m L_m (+ the KL loss). The step is exactly sum_m lambda_m g_m for the lambda
-        it used; only lambda is approximate. Returns (that Gram, lambda) or None as above."""
-        z = representation_gradients(losses, representation)
-        if not torch.isfinite(z).all() or not z.abs().sum() > 0:
+        hidden states, built from one backward through the LM head (last_hidden_gram), then ONE
+        backward from the hidden states down with the cotangent of sum_m lambda_m L_m (+ the KL
+        loss): about the cost of the fixed-weight step. The step is exactly sum_m lambda_m g_m
+        for the lambda it used; only lambda is approximate. Returns (that Gram, lambda) or None
+        when the Gram or the step is non-finite or every gradient is zero."""
+        M = self.num_objectives
+        rows = losses if kl_loss is None else torch.cat([losses, kl_loss.reshape(1)])
+        token_weights = token_loss_weights(rows, logprobs)  # [M (+1), B, T]
+        hidden_gradients = logprob_hidden_gradients(logprobs, representation)  # [B, T, H]
+        gram = last_hidden_gram(token_weights[:M], hidden_gradients)
+        if not np.isfinite(gram).all() or not np.trace(gram) > 0:
             return None
-        gram = (z @ z.T).cpu().numpy()
         weights = self.objective_weights(gram)
-        total = torch.from_numpy(weights).to(losses) @ losses
+        per_token = torch.einsum("m,mbt->bt", torch.from_numpy(weights).to(token_weights), token_weights[:M])
         if kl_loss is not None:
-            total = total + kl_loss
-        direction = objective_gradients(total.reshape(1), self.lora_params)[0]
-        if not torch.isfinite(direction).all():
-            return None
-        self.set_policy_gradient(direction)
+            per_token = per_token + token_weights[M]
+        T = logprobs.shape[1]
+        cotangent = torch.zeros_like(representation)
+        cotangent[:, -T - 1 : -1] = (per_token.unsqueeze(-1) * hidden_gradients).to(representation.dtype)
+        torch.autograd.backward(representation, grad_tensors=cotangent)  # accumulates into the LoRA grads
+        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.lora_params):
+            return None  # firm_step zeroes the grads
         return gram, weights
 
     def skipped_record(self) -> StepRecord:
