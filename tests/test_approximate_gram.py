@@ -47,6 +47,13 @@ def test_policy_forward_is_policy_outputs_without_the_representation(policy, tin
     torch.testing.assert_close(representation[:, -T - 1:-1], hidden, rtol=0, atol=0)
 
 
+def spy(function, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+    return wrapped
+
+
 def representation_gram(losses, representation):
     """The reference: the per-objective gradients at the last hidden states, taken whole by one
     vmapped backward, and their Gram."""
@@ -81,16 +88,25 @@ def test_last_hidden_gram_is_the_gram_of_the_gradients_at_the_last_hidden_states
     np.testing.assert_allclose(gram, representation_gram(losses, representation), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kl_in_objectives", [True, False])
+@pytest.mark.parametrize("kl_in_objectives, checkpointing", [(True, False), (False, False), (True, True)])
 def test_last_hidden_step_is_the_weighted_sum_of_exact_gradients_for_its_lambda(policy, tiny_tokenizer,
-                                                                                kl_in_objectives):
-    config = make_config(gram="last-hidden", kl_in_objectives=kl_in_objectives, kl_coef=0.5)
+                                                                                kl_in_objectives, checkpointing):
+    """Also with gradient checkpointing: the step's backward starts at the hidden states, where
+    the recomputed blocks must still deliver the same gradients."""
+    config = make_config(gram="last-hidden", kl_in_objectives=kl_in_objectives, kl_coef=0.5,
+                         gradient_checkpointing=checkpointing)
     trainer = make_trainer(policy, tiny_tokenizer, config, trainer_cls=RecordingTrainer)
     with torch.no_grad():  # off the reference, so that the KL loss has a gradient
         for p in trainer.lora_params:
             p.add_(0.05 * torch.randn_like(p))
     rollout, idx, advantages, _ = one_minibatch(trainer)
+    trainer.policy.train()  # as firm_step does: checkpointing only acts in training mode
+    checkpointed = []
+    if checkpointing:
+        layer = trainer.policy.get_base_model().model.layers[0]
+        layer._gradient_checkpointing_func = spy(layer._gradient_checkpointing_func, checkpointed)
     logprobs, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
+    assert bool(checkpointed) == checkpointing  # the graph below the hidden states is a checkpointed one
     kl_loss = None if kl_in_objectives else config.kl_coef * kl_penalty_loss(
         logprobs, rollout.ref_logprobs[idx], rollout.response_mask[idx])
     # what the step should be, from the exact per-objective gradients of the same graph
