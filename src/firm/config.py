@@ -181,7 +181,7 @@ class FirmConfig:
     preference: str = ""
     """comma-separated preference over objectives, summing to 1 ('' = uniform)"""
     gram: str = "exact"
-    """exact: G from the M gradients on the LoRA parameters (one forward, M backward passes); last-hidden: MGDA-UB, G from the gradients at the policy's last hidden states and one backward of sum_m lambda_m L_m: a cheaper step whose lambda is approximate (agreement in docs/performance.md); not for fsmgda"""
+    """exact: G from the M gradients on the LoRA parameters (one forward, M backward passes); last-hidden: MGDA-UB, G from the gradients at the policy's last hidden states (one LM-head backward) and one backward of sum_m lambda_m L_m: about the cost of a fixed-weight step, with an approximate lambda (agreement in experiments/gram_agreement); not for fsmgda"""
 
     # --- robustness ------------------------------------------------------------------------
     aggregator: str = "fedavg"
