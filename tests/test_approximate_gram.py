@@ -126,6 +126,16 @@ def test_last_hidden_step_is_the_weighted_sum_of_exact_gradients_for_its_lambda(
     torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-8)
 
 
+def test_a_non_finite_last_hidden_gram_is_refused_and_sets_no_gradient(policy, tiny_tokenizer):
+    trainer = make_trainer(policy, tiny_tokenizer, make_config(gram="last-hidden"))
+    rollout, idx, advantages, _ = one_minibatch(trainer)
+    advantages = advantages.clone()
+    advantages[idx[0], 0, 1] = float("nan")  # one token of one objective, inside the minibatch
+    logprobs, losses, representation = minibatch_losses(trainer, rollout, idx, advantages)
+    assert trainer.last_hidden_policy_gradient(losses, None, logprobs, representation) is None
+    assert all(p.grad is None for p in trainer.lora_params)
+
+
 def test_a_round_with_the_last_hidden_gram_records_lambda_on_the_simplex(policy, tiny_tokenizer):
     trainer = make_trainer(policy, tiny_tokenizer, make_config(gram="last-hidden"), trainer_cls=RecordingTrainer)
     stats = trainer.train_round(make_prompts(), random.Random(0))

@@ -324,8 +324,9 @@ def test_fsmgda_client_update_is_one_linear_round_per_unit_preference(tiny_llama
 
 
 # ---- skipped steps and bad rewards ------------------------------------------------------------
-def test_all_zero_gradients_skip_every_step_and_leave_lora_unchanged(policy, tiny_tokenizer):
-    config = make_config(kl_coef=0.0)
+@pytest.mark.parametrize("gram", ["exact", "last-hidden"])
+def test_all_zero_gradients_skip_every_step_and_leave_lora_unchanged(policy, tiny_tokenizer, gram):
+    config = make_config(kl_coef=0.0, gram=gram)
     trainer = make_trainer(policy, tiny_tokenizer, config, rewards=[ConstantReward(), ConstantReward("c2")])
     before = snapshot(policy)
     head_before = snapshot(trainer.value_head)

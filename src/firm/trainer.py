@@ -140,6 +140,11 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tor
     return (~after_eos).float()
 
 
+def predicting_positions(response_length: int) -> slice:
+    """The positions whose hidden states predict the last ``response_length`` tokens."""
+    return slice(-response_length - 1, -1)
+
+
 def policy_outputs(model, input_ids, attention_mask, response_length: int, temperature: float):
     """Per-token log-probs of the response tokens, the hidden states that predicted them, and the
     whole last hidden-state tensor [B, L, H] the log-probs were computed from (the representation
@@ -156,7 +161,7 @@ def policy_outputs(model, input_ids, attention_mask, response_length: int, tempe
     targets = input_ids[:, -response_length:]
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     representation = out.hidden_states[-1]
-    return logprobs, representation[:, -response_length - 1 : -1, :], representation
+    return logprobs, representation[:, predicting_positions(response_length)], representation
 
 
 def policy_forward(model, input_ids, attention_mask, response_length: int, temperature: float):
@@ -291,10 +296,9 @@ def logprob_hidden_gradients(logprobs: torch.Tensor, representation: torch.Tenso
     predicted it (``representation`` is policy_outputs' [B, L, H] tensor). A log-prob reads only
     its own position's hidden state, so the gradient of their sum separates by position: ONE
     backward through the LM head gives all of them. The model's graph is kept."""
-    T = logprobs.shape[1]
     (grad,) = torch.autograd.grad(logprobs, representation, grad_outputs=torch.ones_like(logprobs),
                                   retain_graph=True)
-    return grad[:, -T - 1 : -1]
+    return grad[:, predicting_positions(logprobs.shape[1])]
 
 
 def last_hidden_gram(token_weights: torch.Tensor, hidden_gradients: torch.Tensor) -> np.ndarray:
@@ -510,9 +514,8 @@ class FirmLocalTrainer:
         per_token = torch.einsum("m,mbt->bt", torch.from_numpy(weights).to(token_weights), token_weights[:M])
         if kl_loss is not None:
             per_token = per_token + token_weights[M]
-        T = logprobs.shape[1]
         cotangent = torch.zeros_like(representation)
-        cotangent[:, -T - 1 : -1] = (per_token.unsqueeze(-1) * hidden_gradients).to(representation.dtype)
+        cotangent[:, predicting_positions(logprobs.shape[1])] = (per_token.unsqueeze(-1) * hidden_gradients).to(representation.dtype)
         torch.autograd.backward(representation, grad_tensors=cotangent)  # accumulates into the LoRA grads
         if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.lora_params):
             return None  # firm_step zeroes the grads
