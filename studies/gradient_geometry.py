@@ -77,6 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     config = build_config("default")
+    torch.manual_seed(args.seed)  # the LoRA's random A matrices: the same start in every run of the study
     policy, tokenizer = get_policy(config)
     start = adapter_state(policy)
     rewards = build_rewards(config.reward_specs())

@@ -130,6 +130,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     config = build_config("default")
+    torch.manual_seed(args.seed)  # the LoRA's random A matrices: the same start in every run of the study
     policy, tokenizer = get_policy(config)
     start = adapter_state(policy)
     rewards = build_rewards(config.reward_specs())
