@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -388,12 +389,25 @@ def run_variants(args, config, unit, repeats: int) -> dict:
             return positions
         return run
 
+    def bfloat16_loop():
+        """The same loop on a bfloat16 copy of the merged model: fewer bytes per weight read, and
+        different numbers (a measurement for docs/performance.md, not a firm setting)."""
+        with merged_lora(policy):
+            low = copy.deepcopy(policy.get_base_model()).to(torch.bfloat16).eval()
+
+        def run():
+            tokens, _, _ = trainer_module.sample(low, enc.input_ids, enc.attention_mask, config.max_new_tokens,
+                                                 config.temperature, config.top_p, eos, pad)
+            return tokens.numel()
+        return run
+
     variants = {"hf generate, dynamic cache (before)": hf(),
                 "hf generate, static cache": hf(cache_implementation="static")}
     if hasattr(trainer_module, "sample"):
         variants.update({"firm sample loop, LoRA unmerged": loop(False),
                          "firm sample loop, LoRA merged (default)": loop(True),
-                         "firm sample loop, merged, 2 length-sorted halves": loop(True, halves=True)})
+                         "firm sample loop, merged, 2 length-sorted halves": loop(True, halves=True),
+                         "firm sample loop, bfloat16 copy (changes the numbers)": bfloat16_loop()})
     seconds: dict[str, list[float]] = defaultdict(list)
     rates: dict[str, list[float]] = defaultdict(list)
     for repeat in range(repeats + 1):
