@@ -515,7 +515,8 @@ class FirmLocalTrainer:
         if kl_loss is not None:
             per_token = per_token + token_weights[M]
         cotangent = torch.zeros_like(representation)
-        cotangent[:, predicting_positions(logprobs.shape[1])] = (per_token.unsqueeze(-1) * hidden_gradients).to(representation.dtype)
+        cotangent[:, predicting_positions(logprobs.shape[1])] = (per_token.unsqueeze(-1) * hidden_gradients
+                                                                 ).to(representation.dtype)
         torch.autograd.backward(representation, grad_tensors=cotangent)  # accumulates into the LoRA grads
         if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.lora_params):
             return None  # firm_step zeroes the grads
