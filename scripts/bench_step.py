@@ -10,6 +10,7 @@ harmless), one PPO pass over one minibatch: one optimiser step.
     python scripts/bench_step.py --variants               # + each generation / gradient trick alone
     python scripts/bench_step.py --steps 5 --json out.json
     python scripts/bench_step.py --modes firm,fixed,firm-last-hidden   # + the opt-in MGDA-UB Gram
+    python scripts/bench_step.py --modes firm,fixed,firm-bf16,firm-last-hidden-bf16   # + bfloat16 sampling
 
 Phases of a firm step: generate (sampling; in the current code it also yields the behaviour
 log-probs and the critic's inputs), old log-probs + values forward (a separate no-grad forward
@@ -488,8 +489,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="firm,fixed",
-                        help="comma-separated: firm, fixed, firm-last-hidden (the opt-in approximate Gram; "
-                             "needs a checkout that has it) ('' for none)")
+                        help="comma-separated: firm, fixed, firm-last-hidden (the opt-in approximate Gram), "
+                             "firm-bf16 (opt-in bfloat16 sampling), firm-last-hidden-bf16 (both); the opt-in "
+                             "modes need a checkout that has them ('' for none)")
     parser.add_argument("--anchor", choices=("none", "trl"), default="none")
     parser.add_argument("--variants", action="store_true", help="also time each generation/gradient trick alone")
     parser.add_argument("--no-merge", action="store_true", help="sample with the LoRA unmerged")
@@ -513,9 +515,12 @@ def main() -> None:
           f"{config.rewards}, LoRA r{config.lora_r} on {config.lora_target_modules}, one optimiser step")
     batches = prompt_batches(unit[4], args.batch_size, args.steps + 1, args.seed)
     # mode: (trainer class, settings changed from the work unit's); firm-last-hidden is the opt-in
-    # approximate Gram (MGDA-UB), one full backward per step
+    # approximate Gram (MGDA-UB), one full backward per step; the -bf16 modes sample from a
+    # bfloat16 copy of the merged policy (opt-in sampling_dtype = bfloat16)
     modes = {"firm": (FirmLocalTrainer, {}), "fixed": (fixed_weight_trainer_class(FirmLocalTrainer), {}),
-             "firm-last-hidden": (FirmLocalTrainer, {"gram": "last-hidden"})}
+             "firm-last-hidden": (FirmLocalTrainer, {"gram": "last-hidden"}),
+             "firm-bf16": (FirmLocalTrainer, {"sampling_dtype": "bfloat16"}),
+             "firm-last-hidden-bf16": (FirmLocalTrainer, {"gram": "last-hidden", "sampling_dtype": "bfloat16"})}
     results = {}
     for mode in filter(None, args.modes.split(",")):
         trainer_cls, changes = modes[mode]
@@ -527,25 +532,22 @@ def main() -> None:
     if results or trl:
         print_table(results, trl)
     ratios = {}
-    if "firm" in results and "fixed" in results:
-        ratios["firm update / fixed-weight single-backward update"] = (
-            results["firm"]["update"] / results["fixed"]["update"])
-        ratios["firm step / fixed-weight step"] = results["firm"]["step"] / results["fixed"]["step"]
-    if "firm-last-hidden" in results and "fixed" in results:
-        ratios["firm-last-hidden update / fixed-weight single-backward update"] = (
-            results["firm-last-hidden"]["update"] / results["fixed"]["update"])
-    if trl and "firm-last-hidden" in results:
-        ratios["firm-last-hidden step / TRL GRPO step"] = results["firm-last-hidden"]["step"] / trl["step"]
-    if trl and "firm" in results:
-        ratios["firm step / TRL GRPO step"] = results["firm"]["step"] / trl["step"]
-        if "generate" in trl:
-            ratios["firm generate / TRL generate"] = results["firm"]["generate"] / trl["generate"]
+    for mode in (m for m in results if m != "fixed"):
+        if "fixed" in results:
+            ratios[f"{mode} update / fixed-weight single-backward update"] = (
+                results[mode]["update"] / results["fixed"]["update"])
+            if mode == "firm":
+                ratios["firm step / fixed-weight step"] = results["firm"]["step"] / results["fixed"]["step"]
+        if trl:
+            ratios[f"{mode} step / TRL GRPO step"] = results[mode]["step"] / trl["step"]
+            if "generate" in trl:
+                ratios[f"{mode} generate / TRL generate"] = results[mode]["generate"] / trl["generate"]
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
-    if "firm" in results:
-        print(f"firm generation: {results['firm']['tokens_per_s']:.1f} tokens/s "
-              f"({results['firm']['positions']:.0f} positions, {results['firm']['tokens']:.0f} up to EOS)")
+    for mode in results:
+        print(f"{mode} generation: {results[mode]['tokens_per_s']:.1f} tokens/s "
+              f"({results[mode]['positions']:.0f} positions, {results[mode]['tokens']:.0f} up to EOS)")
     if variants:
         print("\nsingle tricks (median of interleaved repeats, same batch):")
         for name, value in variants.items():

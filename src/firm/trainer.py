@@ -46,7 +46,7 @@ from torch import nn
 
 from firm.config import FirmConfig
 from firm.mgda import cosine_similarity_matrix, solve_weights
-from firm.models import MultiObjectiveValueHead, lora_parameters, merged_lora
+from firm.models import BFloat16Sampler, MultiObjectiveValueHead, lora_parameters, merged_lora
 from firm.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -242,10 +242,13 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig, merge_lora: bool = True) -> Generation:
+def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig, merge_lora: bool = True,
+             sampler: BFloat16Sampler | None = None) -> Generation:
     """Render prompts with the chat template and sample responses (KV cache on). The behaviour
     log-probs and the critic's hidden states come out of the same pass (no second forward), and
-    with ``merge_lora`` the adapter is folded into the base while sampling (models.merged_lora)."""
+    with ``merge_lora`` the adapter is folded into the base while sampling (models.merged_lora).
+    With a ``sampler`` (sampling_dtype = bfloat16) the tokens, behaviour log-probs and hidden
+    states come from its bfloat16 copy of the merged policy instead."""
     texts = [tokenizer.apply_chat_template(p.chat_messages(), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
@@ -253,10 +256,16 @@ def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig, merg
                     add_special_tokens=False)
     policy.eval()
     enc = enc.to(policy.device)
-    with merged_lora(policy) if merge_lora else contextlib.nullcontext():
-        response_ids, logprobs, hidden = sample(policy, enc.input_ids, enc.attention_mask, cfg.max_new_tokens,
-                                                cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
-                                                tokenizer.pad_token_id)
+    if sampler is not None:
+        response_ids, logprobs, hidden = sample(sampler.refresh(), enc.input_ids, enc.attention_mask,
+                                                cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                                tokenizer.eos_token_id, tokenizer.pad_token_id)
+        hidden = hidden.float()  # the critic's input, as the float32 policy's would be
+    else:
+        with merged_lora(policy) if merge_lora else contextlib.nullcontext():
+            response_ids, logprobs, hidden = sample(policy, enc.input_ids, enc.attention_mask, cfg.max_new_tokens,
+                                                    cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
+                                                    tokenizer.pad_token_id)
     response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
     attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
     lengths = response_mask.sum(-1).long()
@@ -329,6 +338,7 @@ class FirmLocalTrainer:
         config: FirmConfig,
         reward_stats: RunningMeanStd | None = None,
         kl_controller: AdaptiveKLController | FixedKLController | None = None,
+        sampler: BFloat16Sampler | None = None,
     ):
         self.policy = policy
         self.tokenizer = tokenizer
@@ -352,6 +362,9 @@ class FirmLocalTrainer:
         # Speed switches, exact either way (scripts/bench_step.py --variants measures each).
         self.merge_lora_for_sampling = True
         self.batched_objective_gradients = False
+        # sampling_dtype = bfloat16 (opt-in): rollouts from a bfloat16 copy of the merged policy;
+        # pass ``sampler`` to reuse one copy across rounds (building it costs a model copy).
+        self.sampler = (sampler or BFloat16Sampler(policy)) if config.sampling_dtype == "bfloat16" else None
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -385,7 +398,8 @@ class FirmLocalTrainer:
     def rollout(self, prompts: Sequence[Prompt]) -> Rollout:
         cfg = self.config
         # One sampling pass yields the tokens, the behaviour log-probs and the critic's inputs.
-        gen = generate(self.policy, self.tokenizer, prompts, cfg, merge_lora=self.merge_lora_for_sampling)
+        gen = generate(self.policy, self.tokenizer, prompts, cfg, merge_lora=self.merge_lora_for_sampling,
+                       sampler=self.sampler)
         values = self.value_head(gen.hidden) * gen.response_mask.unsqueeze(-1)
         T = gen.response_mask.shape[1]
         with self.policy.disable_adapter():

@@ -44,8 +44,8 @@ from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROMPTS_
                                       NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
                                       check_metrics, config_from_record, reply_schema)
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
-from firm.models import (MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, load_policy,
-                         resolve_device)
+from firm.models import (BFloat16Sampler, MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state,
+                         load_policy, resolve_device)
 from firm.partition import partition_prompts, split_evaluation
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
@@ -64,6 +64,12 @@ def cached_policy(policy: str, dtype: str, r: int, alpha: int, dropout: float, t
 def get_policy(cfg: FirmConfig):
     return cached_policy(cfg.policy, cfg.dtype, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules(),
                          str(resolve_device(cfg.device)))
+
+
+@lru_cache(maxsize=1)
+def cached_sampler(policy) -> BFloat16Sampler:
+    """sampling_dtype = bfloat16: one bfloat16 copy per worker's policy, refreshed every rollout."""
+    return BFloat16Sampler(policy)
 
 
 @lru_cache(maxsize=4)
@@ -229,7 +235,9 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     hidden_size = policy.get_base_model().config.hidden_size
     value_head = MultiObjectiveValueHead(hidden_size, len(rewards))
     trainer_class = FsmgdaLocalTrainer if cfg.algorithm_spec().per_objective_upload else FirmLocalTrainer
-    trainer = trainer_class(policy, tokenizer, value_head, rewards, cfg)  # fresh stats; restore_state loads saved ones
+    sampler = cached_sampler(policy) if cfg.sampling_dtype == "bfloat16" else None
+    # fresh stats; restore_state loads saved ones
+    trainer = trainer_class(policy, tokenizer, value_head, rewards, cfg, sampler=sampler)
     state_dir = client_state_dir(cfg, context.node_config)
     restore_state(context, trainer, state_dir, firm_round)
     shard = client_shard(cfg, context.node_config)
