@@ -29,7 +29,9 @@ uniform number per row instead of one per vocabulary entry; the same distributio
 
 Approximate, opt-in (``gram = last-hidden``): MGDA-UB's weights from the gradients at the last
 hidden states and one backward of the weighted loss; lambda's agreement with the exact one is
-measured in docs/performance.md.
+measured in docs/performance.md. Also opt-in (``sampling_dtype = bfloat16``): rollouts sampled
+from a bfloat16 copy of the merged policy (models.BFloat16Sampler), whose log-probs are then the
+behaviour log-probs; what that changes is measured in studies/bf16_sampling.py.
 """
 
 from __future__ import annotations
