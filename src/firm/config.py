@@ -108,7 +108,7 @@ class FirmConfig:
     dtype: str = "float32"
     """dtype of the base model (float32 on CPU)"""
     sampling_dtype: str = "policy"
-    """policy: sample the rollouts from the policy itself; bfloat16 (opt-in, changes the numbers): from a bfloat16 copy of the float32 policy with the adapter merged, faster where generation is bound by memory bandwidth (CPU); the behaviour log-probs are the copy's (effect measured in docs/performance.md)"""
+    """policy: sample the rollouts from the policy itself; bfloat16 (opt-in, changes the numbers): from a bfloat16 copy of the float32 policy with the adapter merged, faster where generation is bound by memory bandwidth (a CPU: 1.2x on 16 x 48 tokens, no gain on the default 8 x 32); the behaviour log-probs are the copy's, and runs sampled so compare only with each other (effect measured in docs/performance.md)"""
     device: str = "auto"
     """where the policy and reward models run: auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"""
     lora_r: int = 16
