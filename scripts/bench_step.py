@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -344,6 +343,7 @@ def run_trl(args, config, unit, count: int) -> dict:
 # ---- single tricks, measured alone -----------------------------------------------------------------
 def run_variants(args, config, unit, repeats: int) -> dict:
     """Each generation and gradient trick alone, interleaved so load changes hit every variant alike."""
+    import firm.models as models_module
     import firm.trainer as trainer_module
     from firm.models import merged_lora
     from firm.ppo import clipped_surrogate_losses
@@ -391,10 +391,9 @@ def run_variants(args, config, unit, repeats: int) -> dict:
         return run
 
     def bfloat16_loop():
-        """The same loop on a bfloat16 copy of the merged model: fewer bytes per weight read, and
-        different numbers (a measurement for docs/performance.md, not a firm setting)."""
-        with merged_lora(policy):
-            low = copy.deepcopy(policy.get_base_model()).to(torch.bfloat16).eval()
+        """The same loop on the opt-in sampler's bfloat16 copy of the merged model (sampling_dtype =
+        bfloat16): fewer bytes per weight read, and different numbers."""
+        low = models_module.BFloat16Sampler(policy).refresh()
 
         def run():
             tokens, _, _ = trainer_module.sample(low, enc.input_ids, enc.attention_mask, config.max_new_tokens,
@@ -407,8 +406,9 @@ def run_variants(args, config, unit, repeats: int) -> dict:
     if hasattr(trainer_module, "sample"):
         variants.update({"firm sample loop, LoRA unmerged": loop(False),
                          "firm sample loop, LoRA merged (default)": loop(True),
-                         "firm sample loop, merged, 2 length-sorted halves": loop(True, halves=True),
-                         "firm sample loop, bfloat16 copy (changes the numbers)": bfloat16_loop()})
+                         "firm sample loop, merged, 2 length-sorted halves": loop(True, halves=True)})
+    if hasattr(models_module, "BFloat16Sampler"):  # checkouts with the opt-in bfloat16 sampler
+        variants["firm sample loop, bfloat16 copy (changes the numbers)"] = bfloat16_loop()
     seconds: dict[str, list[float]] = defaultdict(list)
     rates: dict[str, list[float]] = defaultdict(list)
     for repeat in range(repeats + 1):

@@ -262,7 +262,6 @@ def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig, merg
         response_ids, logprobs, hidden = sample(sampler.refresh(), enc.input_ids, enc.attention_mask,
                                                 cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                                 tokenizer.eos_token_id, tokenizer.pad_token_id)
-        hidden = hidden.float()  # the critic's input, as the float32 policy's would be
     else:
         with merged_lora(policy) if merge_lora else contextlib.nullcontext():
             response_ids, logprobs, hidden = sample(policy, enc.input_ids, enc.attention_mask, cfg.max_new_tokens,
