@@ -1,7 +1,7 @@
 """Time one FIRM step by phase on a fixed work unit, next to a fixed-weight single-backward step
 (and, with --anchor trl, TRL's GRPOTrainer on the same work), and print the ratios.
 
-The work unit (issue 12): the embedded SmolLM2-135M-Instruct in float32 with a LoRA r16 adapter
+The work unit: the embedded SmolLM2-135M-Instruct in float32 with a LoRA r16 adapter
 on q_proj/v_proj, 16 prompts x up to 48 new tokens, the two embedded rewards (helpful,
 harmless), one PPO pass over one minibatch: one optimiser step.
 
@@ -19,9 +19,12 @@ advantages, update (forward + M per-objective backward passes + solver + optimis
 fixed-weight step does one backward of sum_m p_m L_m instead). Medians over --steps timed steps
 after one warm-up step; every mode starts from the same adapter and the same random seed.
 
-The phases are timed from outside the trainer (wrapping firm.trainer's generate, policy_forward
-and score_responses), so the same script times older versions of the package too: run it with
-PYTHONPATH pointing at another checkout for a before/after table. Compare numbers only within
+The phases are timed from outside the trainer (wrapping the generate, policy_forward and
+score_responses that firm.trainer calls), and functions are looked up where each version keeps
+them (``firm_function``), so the same script times older versions of the package too: run it
+with PYTHONPATH pointing at another checkout for a before/after table. The trainer's speed paths
+(--no-merge, --batched-gradients) are constructor arguments; a version without them runs its
+own defaults. Compare numbers only within
 one run (ratios): this machine's speed varies from day to day and with its load.
 """
 
@@ -30,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
+import inspect
 import json
 import os
 import random
@@ -51,6 +56,23 @@ PHASE_LABELS = {
     "update": "update",
     "step": "step total",
 }
+
+
+def firm_function(name: str):
+    """firm's function ``name`` from the module that holds it in this checkout (sampling and the
+    gradient math moved out of firm.trainer; older versions keep them there), or None."""
+    for module in ("firm.sampling", "firm.gradients", "firm.trainer"):
+        with contextlib.suppress(ImportError):
+            found = getattr(importlib.import_module(module), name, None)
+            if found is not None:
+                return found
+    return None
+
+
+def speed_arguments(trainer_cls, switches: dict) -> dict:
+    """The speed-path switches this version's trainer constructor takes."""
+    accepted = inspect.signature(trainer_cls.__init__).parameters
+    return {name: value for name, value in switches.items() if name in accepted}
 
 
 # ---- peak memory ---------------------------------------------------------------------------------
@@ -143,7 +165,8 @@ class PhaseClock:
 def fixed_weight_trainer_class(base):
     """The same trainer whose step does ONE backward of the fixed-weight loss sum_m p_m L_m."""
     from firm.ppo import clipped_surrogate_losses, clipped_value_loss
-    from firm.trainer import policy_forward
+
+    policy_forward = firm_function("policy_forward")
 
     class FixedWeightTrainer(base):
         def firm_step(self, rollout, idx, advantages, returns, stats) -> None:
@@ -210,10 +233,7 @@ def run_mode(name, trainer_cls, args, config, unit, batches) -> dict:
     device, policy, tokenizer, rewards, _, start, head = unit
     load_adapter_state(policy, start)
     value_head = type(head)(head.linear.in_features, head.linear.out_features)
-    trainer = trainer_cls(policy, tokenizer, value_head, rewards, config)
-    for attribute, value in args.switches.items():
-        if hasattr(trainer, attribute):
-            setattr(trainer, attribute, value)
+    trainer = trainer_cls(policy, tokenizer, value_head, rewards, config, **speed_arguments(trainer_cls, args.switches))
     clock = PhaseClock(trainer_module, trainer, device)
     rng = random.Random(args.seed)
     steps = []
@@ -344,7 +364,6 @@ def run_trl(args, config, unit, count: int) -> dict:
 def run_variants(args, config, unit, repeats: int) -> dict:
     """Each generation and gradient trick alone, interleaved so load changes hit every variant alike."""
     import firm.models as models_module
-    import firm.trainer as trainer_module
     from firm.models import merged_lora
     from firm.ppo import clipped_surrogate_losses
 
@@ -355,6 +374,8 @@ def run_variants(args, config, unit, repeats: int) -> dict:
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=config.max_prompt_tokens,
                     add_special_tokens=False).to(device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    sample, generate = firm_function("sample"), firm_function("generate")
+    objective_gradients, policy_forward = firm_function("objective_gradients"), firm_function("policy_forward")
     with torch.no_grad():  # a non-zero adapter, so merging has something to merge
         for name, p in policy.named_parameters():
             if "lora_B" in name:
@@ -384,8 +405,8 @@ def run_variants(args, config, unit, repeats: int) -> dict:
                     ids, am = enc.input_ids[r], enc.attention_mask[r]
                     keep = am.sum(0) > 0  # drop columns that are padding in every row
                     ids, am = ids[:, keep], am[:, keep]
-                    tokens, _, _ = trainer_module.sample(policy, ids, am, config.max_new_tokens, config.temperature,
-                                                         config.top_p, eos, pad)
+                    tokens, _, _ = sample(policy, ids, am, config.max_new_tokens, config.temperature, config.top_p,
+                                          eos, pad)
                     positions += tokens.numel()
             return positions
         return run
@@ -396,14 +417,14 @@ def run_variants(args, config, unit, repeats: int) -> dict:
         low = models_module.BFloat16Sampler(policy).refresh()
 
         def run():
-            tokens, _, _ = trainer_module.sample(low, enc.input_ids, enc.attention_mask, config.max_new_tokens,
-                                                 config.temperature, config.top_p, eos, pad)
+            tokens, _, _ = sample(low, enc.input_ids, enc.attention_mask, config.max_new_tokens,
+                                  config.temperature, config.top_p, eos, pad)
             return tokens.numel()
         return run
 
     variants = {"hf generate, dynamic cache (before)": hf(),
                 "hf generate, static cache": hf(cache_implementation="static")}
-    if hasattr(trainer_module, "sample"):
+    if sample is not None:
         variants.update({"firm sample loop, LoRA unmerged": loop(False),
                          "firm sample loop, LoRA merged (default)": loop(True),
                          "firm sample loop, merged, 2 length-sorted halves": loop(True, halves=True)})
@@ -424,10 +445,8 @@ def run_variants(args, config, unit, repeats: int) -> dict:
     result = {name: {"seconds": statistics.median(seconds[name]), "tokens_per_s": statistics.median(rates[name]),
                      "all_seconds": [round(x, 2) for x in seconds[name]]} for name in variants}
 
-    if hasattr(trainer_module, "objective_gradients"):  # per-objective gradients: M passes vs one vmapped pass
-        from firm.trainer import objective_gradients, policy_forward
-
-        gen = trainer_module.generate(policy, tokenizer, batch, config)
+    if objective_gradients is not None:  # per-objective gradients: M passes vs one vmapped pass
+        gen = generate(policy, tokenizer, batch, config)
         params = [p for n, p in policy.named_parameters() if p.requires_grad]
         T = gen.response_mask.shape[1]
         advantages = torch.randn(*gen.response_mask.shape, len(rewards), device=device)

@@ -1,5 +1,7 @@
-"""Set-up shared by the reward studies (bench_reward_cost.py, reward_conflict.py): the
-generation flags they both take and the default-preset config they sample with."""
+"""Set-up shared by the studies: the generation flags and default-preset config of the reward
+studies (bench_reward_cost.py, reward_conflict.py), and the seeded policy, reward models and
+fresh critic of the trainer studies (gradient_geometry.py, gram_agreement.py, knob_lambda.py,
+bf16_sampling.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import argparse
 
 import torch
 
-from firm.config import build_config
+from firm.config import FirmConfig, build_config
+from firm.models import MultiObjectiveValueHead, get_policy
+from firm.rewards import build_rewards
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,3 +33,16 @@ def sampling_config(args: argparse.Namespace, **overrides):
     if args.max_new_tokens is not None:
         overrides["max_new_tokens"] = args.max_new_tokens
     return build_config("default", overrides)
+
+
+def seeded_policy(config: FirmConfig, seed: int):
+    """(policy, tokenizer, reward models) for ``config``; the LoRA's random A matrices come from
+    ``seed``, so every run of a study starts from the same adapter."""
+    torch.manual_seed(seed)
+    policy, tokenizer = get_policy(config)
+    return policy, tokenizer, build_rewards(config.reward_specs())
+
+
+def fresh_value_head(policy, rewards) -> MultiObjectiveValueHead:
+    """A new critic for ``policy`` with one output per reward model."""
+    return MultiObjectiveValueHead(policy.get_base_model().config.hidden_size, len(rewards))

@@ -1,7 +1,7 @@
 """How much does rewarding a rollout batch cost next to generating it?
 
 FIRM scores every sampled batch with each objective's reward model. If scoring cost as
-much as sampling, the rewards would double the price of a PPO step; the target (issue 14) is that
+much as sampling, the rewards would double the price of a PPO step; the target is that
 rewarding a batch with every objective takes at most 0.15 x the time the default policy took to
 generate it. This script generates a batch of embedded prompts with the default policy and
 settings (``firm.config`` preset "default"), then scores it with each reward alone and with all
@@ -35,7 +35,7 @@ from firm.rewards import build_reward
 from firm.rewards.backbones import load_base
 from firm.rewards.fitted import FittedRewardModel
 from firm.rewards.trunk import forget_trunk_features
-from firm.trainer import generate
+from firm.sampling import generate
 
 
 def median_seconds(action, repeats: int) -> float:

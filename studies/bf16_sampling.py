@@ -1,4 +1,4 @@
-"""What sampling from a bfloat16 copy (``sampling_dtype = bfloat16``) changes (issue 12).
+"""What sampling from a bfloat16 copy (``sampling_dtype = bfloat16``) changes.
 
 The opt-in samples each rollout from a bfloat16 copy of the merged float32 policy, and keeps
 that copy's log-probs as the behaviour log-probs. Two measurements, on the real pipeline (the
@@ -41,13 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _policy_batch import fresh_value_head, seeded_policy
 from firm.config import build_config
-from firm.federation.client_app import client_shard, get_policy
-from firm.models import BFloat16Sampler, MultiObjectiveValueHead
+from firm.federation.node import client_shard
+from firm.gradients import objective_gradients
+from firm.models import BFloat16Sampler
 from firm.ppo import clipped_surrogate_losses
-from firm.rewards import build_rewards
+from firm.sampling import policy_forward
 from firm.stats import compare_table
-from firm.trainer import FirmLocalTrainer, objective_gradients, policy_forward
+from firm.trainer import FirmLocalTrainer
 
 
 def first_step_lambda(trainer: FirmLocalTrainer, rollout) -> float:
@@ -99,10 +101,8 @@ def measure_tokens(trainer: FirmLocalTrainer, shard, rollouts: int, seed: int) -
 
 def tokens_part(args) -> dict:
     config = build_config("default", {"sampling_dtype": "bfloat16"})
-    torch.manual_seed(args.seed)  # the LoRA's random A matrices: the same start in every run
-    policy, tokenizer = get_policy(config)
-    rewards = build_rewards(config.reward_specs())
-    value_head = MultiObjectiveValueHead(policy.get_base_model().config.hidden_size, len(rewards))
+    policy, tokenizer, rewards = seeded_policy(config, args.seed)
+    value_head = fresh_value_head(policy, rewards)
     shard = client_shard(config, {"partition-id": 0, "num-partitions": config.num_clients})
     float32_config = build_config("default")
     warm = FirmLocalTrainer(policy, tokenizer, value_head, rewards, float32_config)

@@ -1,5 +1,5 @@
 """Where can FIRM, MGDA and linear weights differ at all? The gradient geometry of the real
-pipeline, measured without training (issue 11, item 4).
+pipeline, measured without training.
 
 Two client types hold only one prompt group each: "decline" (requests a careful assistant
 refuses) and "ordinary". For each type and each setting of the reward / advantage normalisation,
@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _policy_batch import fresh_value_head, seeded_policy
 from firm.config import build_config
-from firm.federation.client_app import get_policy
-from firm.mgda import solve_weights
-from firm.models import MultiObjectiveValueHead, adapter_state, load_adapter_state
+from firm.mgda import gram_geometry, solve_weights
+from firm.models import adapter_state, load_adapter_state
 from firm.prompts import load_embedded_prompts
-from firm.rewards import build_rewards
-from firm.trainer import FirmLocalTrainer, gram_geometry
+from firm.trainer import FirmLocalTrainer
 
 BETAS = (0.0, 0.01, 0.1, 1.0)
 SETTINGS = {"normalised (default)": {"normalize_rewards": True, "whiten_advantages": True},
@@ -50,7 +49,7 @@ def type_grams(group: str, setting: dict, batches: int, batch_size: int, seed: i
     config = build_config("default", {"rollout_batch_size": batch_size, "num_minibatches": 1, "ppo_epochs": 1,
                                       "learning_rate": 0.0, **setting})
     load_adapter_state(policy, start)
-    value_head = MultiObjectiveValueHead(policy.get_base_model().config.hidden_size, len(rewards))
+    value_head = fresh_value_head(policy, rewards)
     trainer = FirmLocalTrainer(policy, tokenizer, value_head, rewards, config)
     shard = [p for p in load_embedded_prompts() if p.group == group]
     rng = random.Random(seed)
@@ -77,10 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     config = build_config("default")
-    torch.manual_seed(args.seed)  # the LoRA's random A matrices: the same start in every run of the study
-    policy, tokenizer = get_policy(config)
+    policy, tokenizer, rewards = seeded_policy(config, args.seed)
     start = adapter_state(policy)
-    rewards = build_rewards(config.reward_specs())
     results: dict[str, dict] = {}
     for name, setting in SETTINGS.items():
         grams = {group: type_grams(group, setting, args.batches, args.batch_size, args.seed, policy, tokenizer,

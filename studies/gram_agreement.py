@@ -1,4 +1,4 @@
-"""How far MGDA-UB's lambda (``gram = last-hidden``) is from the exact one (issue 12).
+"""How far MGDA-UB's lambda (``gram = last-hidden``) is from the exact one.
 
 ``gram = last-hidden`` solves the weights on the Gram of the objectives' gradients at the
 policy's last hidden states instead of at the LoRA parameters, so one FIRM step needs one
@@ -30,14 +30,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-import firm.trainer as trainer_module
+from _policy_batch import fresh_value_head, seeded_policy
 from firm.config import build_config
-from firm.federation.client_app import get_policy
+from firm.gradients import last_hidden_gram, logprob_hidden_gradients, token_loss_weights
 from firm.mgda import solve_weights
-from firm.models import MultiObjectiveValueHead, adapter_state, load_adapter_state
+from firm.models import adapter_state, load_adapter_state
 from firm.prompts import load_embedded_prompts
-from firm.rewards import build_rewards
-from firm.trainer import FirmLocalTrainer, last_hidden_gram, logprob_hidden_gradients, token_loss_weights
+from firm.trainer import FirmLocalTrainer
 
 BETAS = (0.0, 0.01, 0.1, 1.0)
 GROUPS = ("decline", "ordinary")
@@ -49,34 +48,20 @@ class AgreementTrainer(FirmLocalTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.outputs: tuple | None = None  # (log-probs, hidden, representation), set by the policy_outputs wrapper
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (exact G, last-hidden G) per taken step
         self.seconds = {"exact": 0.0, "last-hidden": 0.0}
 
-    def exact_policy_gradient(self, losses, kl_loss):
+    def exact_policy_gradient(self, losses, kl_loss, logprobs, representation):
         started = time.perf_counter()
-        logprobs, _, representation = self.outputs
         approx = last_hidden_gram(token_loss_weights(losses, logprobs),
                                   logprob_hidden_gradients(logprobs, representation))
         self.seconds["last-hidden"] += time.perf_counter() - started
         started = time.perf_counter()
-        solved = super().exact_policy_gradient(losses, kl_loss)
+        solved = super().exact_policy_gradient(losses, kl_loss, logprobs, representation)
         self.seconds["exact"] += time.perf_counter() - started
         if solved is not None:
             self.pairs.append((solved[0], approx))
         return solved
-
-
-def capture_representation(trainer: AgreementTrainer):
-    original = trainer_module.policy_outputs
-
-    def wrapped(*args, **kwargs):
-        outputs = original(*args, **kwargs)
-        trainer.outputs = outputs
-        return outputs
-
-    trainer_module.policy_outputs = wrapped
-    return lambda: setattr(trainer_module, "policy_outputs", original)
 
 
 def type_pairs(group: str, args, policy, tokenizer, rewards, start) -> tuple[list, dict]:
@@ -84,16 +69,12 @@ def type_pairs(group: str, args, policy, tokenizer, rewards, start) -> tuple[lis
                                       **LOCAL})
     load_adapter_state(policy, start)
     torch.manual_seed(args.seed)
-    value_head = MultiObjectiveValueHead(policy.get_base_model().config.hidden_size, len(rewards))
+    value_head = fresh_value_head(policy, rewards)
     trainer = AgreementTrainer(policy, tokenizer, value_head, rewards, config)
-    restore = capture_representation(trainer)
-    try:
-        shard = [p for p in load_embedded_prompts() if p.group == group]
-        rng = random.Random(args.seed)
-        for _ in range(args.rollouts):
-            trainer.train_round(shard, rng)
-    finally:
-        restore()
+    shard = [p for p in load_embedded_prompts() if p.group == group]
+    rng = random.Random(args.seed)
+    for _ in range(args.rollouts):
+        trainer.train_round(shard, rng)
     return trainer.pairs, trainer.seconds
 
 
@@ -130,10 +111,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     config = build_config("default")
-    torch.manual_seed(args.seed)  # the LoRA's random A matrices: the same start in every run of the study
-    policy, tokenizer = get_policy(config)
+    policy, tokenizer, rewards = seeded_policy(config, args.seed)
     start = adapter_state(policy)
-    rewards = build_rewards(config.reward_specs())
     pairs, seconds = {}, {}
     for group in GROUPS:
         pairs[group], seconds[group] = type_pairs(group, args, policy, tokenizer, rewards, start)

@@ -16,14 +16,11 @@ import json
 import random
 
 import numpy as np
-import torch
 
-from firm.federation.client_app import get_policy
+from _policy_batch import fresh_value_head, seeded_policy
 from firm.config import build_config
 from firm.mgda import solve_weights
-from firm.models import MultiObjectiveValueHead
 from firm.prompts import load_embedded_prompts
-from firm.rewards import build_rewards
 from firm.trainer import FirmLocalTrainer
 
 PREFERENCES = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -35,11 +32,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     config = build_config("default", {"rollout_batch_size": args.batch_size, "ppo_epochs": 2, "num_minibatches": 2})
-    policy, tokenizer = get_policy(config)
-    rewards = build_rewards(config.reward_specs())
-    value_head = MultiObjectiveValueHead(policy.get_base_model().config.hidden_size, len(rewards))
+    policy, tokenizer, rewards = seeded_policy(config, args.seed)
+    value_head = fresh_value_head(policy, rewards)
     trainer = FirmLocalTrainer(policy, tokenizer, value_head, rewards, config)
     stats = trainer.train_round(load_embedded_prompts(), random.Random(args.seed))
 

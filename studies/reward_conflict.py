@@ -38,7 +38,7 @@ from firm.models import load_policy
 from firm.prompts import load_embedded_prompts
 from firm.rewards import build_reward
 from firm.rewards.pairwise import pearson_spearman
-from firm.trainer import generate
+from firm.sampling import generate
 
 
 # Fixed refusals scored against every prompt; their mean reward stands for "decline".

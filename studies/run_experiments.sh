@@ -21,7 +21,7 @@ SIZE=(--num-clients 2 --num-rounds 3 --rollout-batch-size 4 --num-minibatches 1 
 # Where the algorithms can differ at all: the gradient geometry per client type (no training, ~3 min).
 .venv/bin/python studies/gradient_geometry.py --batches 4 --batch-size 8 --out experiments/gradient_geometry
 
-# The decisive run (issue 11): 4 clients on the category partition (each holds one prompt group),
+# The decisive run: 4 clients on the category partition (each holds one prompt group),
 # 8 local steps per round (4 minibatches x 2 epochs), AdamW kept across rounds, KL outside the
 # objectives, 6 rounds, firm at beta 0.01 and 1 against mgda, linear and fsmgda on paired seeds;
 # final rewards on the 36 held-out prompts x 2 samples. About 7-10 min per run on an idle 2-core CPU.

@@ -1,4 +1,4 @@
-"""gram = last-hidden (MGDA-UB, issue 12): the weights are solved on the Gram of the gradients at
+"""gram = last-hidden (MGDA-UB): the weights are solved on the Gram of the gradients at
 the policy's last hidden states, and the step is still exactly sum_m lambda_m g_m for the lambda
 it used. Checked against per-objective gradients taken one by one."""
 
@@ -13,8 +13,8 @@ import torch
 from firm.config import ConfigError, build_config
 from firm.mgda import solve_weights
 from firm.ppo import clipped_surrogate_losses, kl_penalty_loss
-from firm.trainer import (last_hidden_gram, logprob_hidden_gradients, objective_gradients, policy_forward,
-                          policy_outputs, token_loss_weights)
+from firm.gradients import last_hidden_gram, logprob_hidden_gradients, objective_gradients, token_loss_weights
+from firm.sampling import policy_forward, policy_outputs
 from test_trainer import RecordingTrainer, make_base, make_config, make_prompts, make_trainer, one_minibatch, wrap
 
 

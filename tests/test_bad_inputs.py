@@ -1,4 +1,4 @@
-"""Every bad input fails fast and cleanly (issue 13, part 7).
+"""Every bad input fails fast and cleanly.
 
 One table of bad inputs through ``firm.cli.main``: CLI flags, config values, prompt, pair,
 reward, policy and adapter files, run directories. Each row asserts exit code 2, one line on

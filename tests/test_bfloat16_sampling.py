@@ -17,7 +17,8 @@ import torch
 
 from firm.config import ConfigError
 from firm.models import BFloat16Sampler, MultiObjectiveValueHead, lora_parameters, merged_lora
-from firm.trainer import FirmLocalTrainer, RoundStats, policy_forward, sample
+from firm.sampling import policy_forward, sample
+from firm.trainer import FirmLocalTrainer, RoundStats
 
 from test_fast_paths import nonzero_lora_policy
 from test_trainer import LengthReward, LetterEReward, make_config, make_prompts

@@ -21,8 +21,9 @@ from transformers import LlamaForCausalLM
 
 from firm.models import MultiObjectiveValueHead, add_lora, lora_parameters, merged_lora
 from firm.ppo import clipped_surrogate_losses
-from firm.trainer import (FirmLocalTrainer, RoundStats, draw_tokens, multinomial_tokens, objective_gradients,
-                          policy_forward, sample, _top_p_filter)
+from firm.gradients import objective_gradients
+from firm.sampling import _top_p_filter, draw_tokens, multinomial_tokens, policy_forward, response_mask_from_ids, sample
+from firm.trainer import FirmLocalTrainer, RoundStats
 
 from test_trainer import LengthReward, LetterEReward, make_config, make_prompts
 
@@ -103,8 +104,6 @@ def test_sampled_logprobs_and_hidden_equal_a_full_forward(policy, tiny_tokenizer
     torch.manual_seed(0)
     with merged_lora(policy) if merge else torch.no_grad():
         tokens, logprobs, hidden = sample(policy, enc.input_ids, enc.attention_mask, 16, 0.8, 1.0, eos, pad)
-    from firm.trainer import response_mask_from_ids
-
     mask = response_mask_from_ids(tokens, eos)
     input_ids = torch.cat([enc.input_ids, tokens], dim=1)
     attention_mask = torch.cat([enc.attention_mask, mask.long()], dim=1)
@@ -156,8 +155,6 @@ def test_batched_objective_gradients_equal_separate_backward_passes(policy, tiny
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
     torch.manual_seed(0)
     tokens, old_logprobs, _ = sample(policy, enc.input_ids, enc.attention_mask, 8, 0.8, 1.0, eos, pad)
-    from firm.trainer import response_mask_from_ids
-
     mask = response_mask_from_ids(tokens, eos)
     ids = torch.cat([enc.input_ids, tokens], 1)
     am = torch.cat([enc.attention_mask, mask.long()], 1)
@@ -176,16 +173,15 @@ def test_batched_objective_gradients_equal_separate_backward_passes(policy, tiny
 @pytest.mark.parametrize("batched", [False, True])
 def test_firm_step_on_the_fast_rollout_equals_the_slow_path(tiny_llama_config, tiny_tokenizer, batched):
     """Same tokens; log-probs and values from the sampling pass (fast) or from a separate forward
-    (slow, the code before issue 12): the same lambda, the same new adapter and critic."""
+    (slow, as the code did before the fast paths): the same lambda, the same new adapter and critic."""
     policy = nonzero_lora_policy(tiny_llama_config)
     config = make_config(max_grad_norm=1e12)
 
     def trainer_for(p):
         value_head = MultiObjectiveValueHead(p.get_base_model().config.hidden_size, 2)
         torch.nn.init.normal_(value_head.linear.weight, std=0.1)
-        trainer = FirmLocalTrainer(p, tiny_tokenizer, value_head, [LengthReward(), LetterEReward()], config)
-        trainer.batched_objective_gradients = batched
-        return trainer
+        return FirmLocalTrainer(p, tiny_tokenizer, value_head, [LengthReward(), LetterEReward()], config,
+                                batched_objective_gradients=batched)
 
     fast = trainer_for(policy)
     torch.manual_seed(4)
@@ -202,7 +198,6 @@ def test_firm_step_on_the_fast_rollout_equals_the_slow_path(tiny_llama_config, t
 
     slow = trainer_for(copy.deepcopy(policy))
     slow.value_head.load_state_dict(fast.value_head.state_dict())
-    slow.batched_objective_gradients = False
     results = []
     for trainer, ro in ((fast, rollout), (slow, slow_rollout)):
         advantages, returns, _ = trainer.advantages(ro)

@@ -1,4 +1,4 @@
-"""Fault injection on a real deployment on loopback (issue 13, part 8).
+"""Fault injection on a real deployment on loopback.
 
 Both tests run the secure deployment of test_flower_deployment.py (TLS, SuperNode authentication,
 every node's key registered before it connects), each SuperNode with its own ``state-dir`` where its
@@ -127,7 +127,7 @@ def completed_rounds(run_dir: Path) -> int:
 
 def saved_state(state_dir: Path) -> dict[int, float]:
     """A client's saved states: round -> running reward-statistics count (rows seen so far)."""
-    from firm.federation.client_app import STATE_FILE_PATTERN
+    from firm.federation.client_state import STATE_FILE_PATTERN
 
     found = {}
     for path in sorted(state_dir.glob("round-*.safetensors")) if state_dir.is_dir() else []:

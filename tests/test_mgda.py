@@ -152,7 +152,7 @@ def test_zero_matrix_returns_preference() -> None:
     weights = solve_weights(np.zeros((3, 3)), beta=0.1, preference=preference)
     np.testing.assert_array_equal(weights, preference)
     assert weights is not preference
-    np.testing.assert_array_equal(solve_weights(np.zeros((2, 2))), [0.5, 0.5])
+    np.testing.assert_array_equal(solve_weights(np.zeros((2, 2)), beta=0.01), [0.5, 0.5])
 
 
 def test_single_objective() -> None:
@@ -215,7 +215,7 @@ def test_validate_preference() -> None:
 def test_too_many_objectives_raises() -> None:
     num = MAX_ENUMERATION_OBJECTIVES + 1
     with pytest.raises(ValueError, match=f"at most {MAX_ENUMERATION_OBJECTIVES} objectives"):
-        solve_weights(np.eye(num))
+        solve_weights(np.eye(num), beta=0.01)
     with pytest.raises(ValueError, match="2\\^M - 1 KKT systems"):
         _enumerate_supports(np.eye(num) / num, 0.0, np.full(num, 1 / num))
 
@@ -242,13 +242,13 @@ def test_too_many_objectives_raises() -> None:
 )
 def test_invalid_input_raises(gram: np.ndarray, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        solve_weights(gram, **kwargs)
+        solve_weights(gram, **{"beta": 0.01, **kwargs})
 
 
 def test_symmetry_tolerance_is_relative_to_scale() -> None:
     # A float32-rounding asymmetry on a huge-norm Gram is accepted ...
     gram = 1e8 * np.array([[1.0, 0.3], [0.3 + 1e-9, 1.0]])
-    assert_on_simplex(solve_weights(gram), 2)
+    assert_on_simplex(solve_weights(gram, beta=0.01), 2)
     # ... but the same absolute asymmetry on a tiny Gram is a real asymmetry.
     with pytest.raises(ValueError, match="symmetric"):
-        solve_weights(1e-8 * np.array([[1.0, 0.3], [0.5, 1.0]]))
+        solve_weights(1e-8 * np.array([[1.0, 0.3], [0.5, 1.0]]), beta=0.01)

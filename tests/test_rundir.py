@@ -224,7 +224,7 @@ def client_trainer(seed: int, adaptive: bool = True):
 def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from firm.federation.client_app import client_state_dir, restore_state, save_state
+    from firm.federation.client_state import client_state_dir, restore_state, save_state
 
     run = RunDir.create(tmp_path / "run", make_config())
     config = run.config()
@@ -266,7 +266,7 @@ def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):
 def test_client_state_in_memory_when_the_node_has_no_directory():
     from flwr.app import Context, RecordDict
 
-    from firm.federation.client_app import restore_state, save_state
+    from firm.federation.client_state import restore_state, save_state
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     saved = client_trainer(seed=3, adaptive=False)
@@ -281,7 +281,7 @@ def test_client_state_in_memory_when_the_node_has_no_directory():
 def test_a_corrupt_client_state_is_an_error_that_names_the_file(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from firm.federation.client_app import ClientStateError, restore_state
+    from firm.federation.client_state import ClientStateError, restore_state
 
     directory = tmp_path / "clients" / "0"
     directory.mkdir(parents=True)

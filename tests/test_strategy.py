@@ -1,5 +1,5 @@
 """FirmFedAvg on hand-made client replies: equal-weight robust aggregation, the reply schema
-from the server's config, rejected and failed replies, and the attack replies of issue 13.
+from the server's config, rejected and failed replies, and hostile (attack) replies.
 
 The replies are real ``flwr.app.Message`` objects: an instruction message is built the way
 FedAvg builds it (which needs the process's TaskIdentity, set here as the ServerApp runtime
@@ -20,12 +20,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.task_identity import TaskIdentity
 
 from firm.config import ConfigError, FirmConfig
-from firm.federation.protocol import (ROUND_KEY, check_metrics, honest_step_ceiling, max_local_steps, reply_schema,
-                                      update_bound)
+from firm.federation.protocol import ROUND_KEY, check_metrics, reply_schema
 from firm.federation.strategy import (FederationError, FirmFedAvg, FsmgdaFedAvg, RoundFailed, RoundResult,
                                       aggregate_arrays, arrayrecord_bytes, check_reply, client_error_summary,
-                                      wait_for_nodes)
-from firm.trainer import RoundStats, StepRecord, summarize
+                                      honest_step_ceiling, update_bound, wait_for_nodes)
+from firm.trainer import RoundStats, StepRecord, max_local_steps, summarize
 
 TENSOR_SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.lora_A.weight": (4,)}
 # The tests' federation: 3 clients, rollout batches of 8 (so num-examples is at most 8), the
@@ -317,7 +316,7 @@ def test_trimmed_mean_that_cuts_nothing_is_a_config_error():
         make_config(min_clients=4)
 
 
-# ---- the attack replies of issue 13, and other malformed ones --------------------------------------
+# ---- attack replies, and other malformed ones -----------------------------------------------------
 def _scaled(adapter):
     return {k: v * 1e6 for k, v in adapter.items()}
 
@@ -459,7 +458,7 @@ def test_a_node_unavailable_error_from_the_superlink_is_recorded_for_the_dead_no
 def test_a_client_error_is_recorded_as_its_message_without_flowers_traceback():
     flower_reason = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
                      "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
-                     "firm.federation.client_app.ClientStateError: state.safetensors cannot be read\n\n"
+                     "firm.federation.client_state.ClientStateError: state.safetensors cannot be read\n\n"
                      "Exception ClientAppException occurred. Message: state.safetensors cannot be read'>")
     assert client_error_summary(flower_reason) == "state.safetensors cannot be read"
     assert client_error_summary("Traceback:\n  File x\nValueError: bad\n") == "ValueError: bad"
@@ -623,7 +622,7 @@ def test_a_submitted_run_dir_stays_inside_the_run_root(tmp_path):
 
 
 def test_a_node_decides_its_prompts_and_samples_not_the_server(tmp_path):
-    from firm.federation.client_app import NodePolicyError, client_shard, samples_allowed
+    from firm.federation.node import NodePolicyError, client_shard, samples_allowed
 
     config = make_config(prompts=str(tmp_path / "secret.jsonl"), sample_responses=5)
     with pytest.raises(NodePolicyError, match="asks this node to read the local file"):

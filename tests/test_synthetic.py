@@ -12,9 +12,9 @@ import pytest
 from scipy import optimize
 
 from firm.cli import build_parser, main
-from firm.cli.flags import flag_name
-from firm.config import ConfigError, field_docs
-from firm.fsmgda import fsmgda_combine
+from firm.cli.flags import field_docs, flag_name
+from firm.config import ConfigError
+from firm.fsmgda.server import fsmgda_combine
 from firm.mgda import solve_weights
 from firm.synthetic import SyntheticConfig
 from firm.synthetic.algorithms import run_algorithm

@@ -21,20 +21,14 @@ from flwr.app import Context, RecordDict
 from transformers import LlamaForCausalLM
 
 import firm.federation.client_app as client_app
-from firm.federation import protocol
-from firm.fsmgda import FsmgdaLocalTrainer
+from firm.federation import client_state
+from firm.fsmgda.client import FsmgdaLocalTrainer
 from firm.config import FirmConfig
 from firm.mgda import solve_weights
 from firm.models import MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state, lora_parameters
 from firm.prompts import Prompt
-from firm.trainer import (
-    FirmLocalTrainer,
-    RoundStats,
-    policy_forward,
-    position_ids_from_mask,
-    response_mask_from_ids,
-    summarize,
-)
+from firm.sampling import policy_forward, position_ids_from_mask, response_mask_from_ids
+from firm.trainer import FirmLocalTrainer, RoundStats, summarize
 
 torch.set_num_threads(1)
 
@@ -473,11 +467,11 @@ def test_run_local_update_keeps_critic_and_reward_stats_across_rounds(policy, ti
     adapter0 = adapter_state(policy)
 
     adapter1, metrics1, samples1 = client_app.run_local_update(config, adapter0, context, 1)
-    assert protocol.STATE_VALUE_HEAD in context.state.array_records
-    assert protocol.STATE_CLIENT in context.state.config_records
-    saved = context.state.config_records[protocol.STATE_CLIENT]
+    assert client_state.STATE_VALUE_HEAD in context.state.array_records
+    assert client_state.STATE_CLIENT in context.state.config_records
+    saved = context.state.config_records[client_state.STATE_CLIENT]
     assert saved["reward_count"] == config.rollout_batch_size
-    head1 = context.state.array_records[protocol.STATE_VALUE_HEAD].to_torch_state_dict()
+    head1 = context.state.array_records[client_state.STATE_VALUE_HEAD].to_torch_state_dict()
     assert any(bool(v.abs().sum() > 0) for v in head1.values()), "the critic did not train"
     assert metrics1["partition-id"] == 0 and metrics1["num-examples"] == config.rollout_batch_size
     assert samples1 == []  # sample_responses = 0: no private prompts leave the node
@@ -492,7 +486,7 @@ def test_run_local_update_keeps_critic_and_reward_stats_across_rounds(policy, ti
         assert torch.equal(seen[1]["head"][key], value), f"value head {key} not restored"
     for key, value in adapter1.items():
         assert torch.equal(seen[1]["adapter"][key], value), f"global adapter {key} not loaded"
-    saved = context.state.config_records[protocol.STATE_CLIENT]
+    saved = context.state.config_records[client_state.STATE_CLIENT]
     assert saved["reward_count"] == 2 * config.rollout_batch_size
     assert list(metrics1) == list(metrics2)
     assert set(adapter2) == set(adapter0)

@@ -1,4 +1,4 @@
-"""The local settings that decide whether lambda can matter (issue 11): SGD steps along
+"""The local settings that decide whether lambda can matter: SGD steps along
 -lr * sum lambda g, the KL term inside or outside the combination, per-step geometry records,
 and three objectives end to end."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from firm.mgda import solve_weights
 from firm.ppo import kl_penalty_loss
-from firm.trainer import RoundStats, gram_geometry, summarize
+from firm.mgda import gram_geometry, solve_weights
+from firm.trainer import RoundStats, summarize
 from test_trainer import (ConstantReward, LengthReward, LetterEReward, RecordingTrainer, make_config, make_prompts,
                           make_trainer, one_minibatch, wrap, make_base)
 
@@ -130,7 +130,7 @@ def test_adamw_state_round_trips_through_the_client_state(tiny_llama_config, tin
     round 2 with, whether the state lives in a directory or in Flower's node state."""
     from flwr.app import Context, RecordDict
 
-    from firm.federation.client_app import restore_state, save_state
+    from firm.federation.client_state import restore_state, save_state
 
     config = make_config(optimizer="adamw")
     trainer = make_trainer(wrap(make_base(tiny_llama_config)), tiny_tokenizer, config)

@@ -8,20 +8,16 @@ Presets are named sets of overrides on top of these defaults.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
 import math
 import re
-import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from firm.errors import FirmError
-from firm.mgda import validate_preference
-
+from firm.mgda import check_beta, validate_preference
 
 
 @dataclass(frozen=True)
@@ -254,7 +250,7 @@ class FirmConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.num_minibatches <= self.rollout_batch_size,
              f"num_minibatches ({self.num_minibatches}) cannot exceed rollout_batch_size ({self.rollout_batch_size})")
-        for name in ("beta", "kl_coef", "learning_rate", "temperature", "max_grad_norm", "clip_range",
+        for name in ("kl_coef", "learning_rate", "temperature", "max_grad_norm", "clip_range",
                      "clip_range_value", "value_coef", "dirichlet_alpha", "lora_alpha", "kl_target", "kl_horizon"):
             value = getattr(self, name)
             need(math.isfinite(value), f"{name} must be finite, got {value}")
@@ -285,6 +281,10 @@ class FirmConfig:
         need(self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}")
         need(1 <= self.min_clients <= self.num_clients,
              f"min_clients must be between 1 and num_clients ({self.num_clients}), got {self.min_clients}")
+        try:
+            check_beta(self.beta)  # the solver's own check
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         try:
             validate_preference(self.preference_vector(), len(specs))
         except ValueError as err:
@@ -383,62 +383,5 @@ def build_config(preset: str = "default", overrides: dict[str, Any] | None = Non
     return FirmConfig.from_dict(values).validate()
 
 
-INPUTS_TEXT = """- `--policy`: `embedded`, a hub id (when the hub is reachable) or a local model directory.
-- `--prompts`: `embedded` (300 prompts: 60% ordinary requests in 10 categories, 40% requests a
-  careful assistant declines, in 10 categories), HH-RLHF transcripts (`{"chosen": "\\n\\nHuman: ..."}`),
-  prompt records (`{"prompt": ...}`) or instruction lists (`{"instruction": ...}`) as
-  .json/.jsonl/.jsonl.gz, or `hf:<dataset>[:split]`.
-- `--rewards`, one per objective: `embedded:helpful`, `embedded:harmless`, `hf:<hub id or dir>` (a
-  sequence-classification reward model fed `"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"`), a
-  directory written by `firm reward fit`, `relevance` or `civility` (offline proxies).
-"""
-
-
-def config_reference_markdown() -> str:
-    """docs/configuration.md, generated from FirmConfig, the presets and the algorithm registry
-    (scripts/generate_config_files.py writes it; a test keeps them equal)."""
-    helps = field_docs(FirmConfig)
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `src/firm/config.py` by `scripts/generate_config_files.py`; do not edit by hand.",
-        "",
-        "Every setting is a `firm train` flag (`--num-rounds 5`) and a Flower run-config key of the same",
-        "kebab-case name (`flwr run . --run-config \"num-rounds=5\"`). A preset overrides some defaults;",
-        "flags and run-config keys override the preset.",
-        "",
-        "## Settings",
-        "",
-        "| flag / run-config key | default | meaning |",
-        "| --- | --- | --- |",
-    ]
-    for f in fields(FirmConfig):
-        lines.append(f"| `{f.name.replace('_', '-')}` | `{f.default!r}` | {helps.get(f.name, '')} |")
-    lines += ["", "## Algorithms", "", "| algorithm | what it does | uses beta | adapters uploaded per client |",
-              "| --- | --- | --- | --- |"]
-    for a in ALGORITHMS.values():
-        lines.append(f"| `{a.name}` | {a.summary} | {'yes' if a.uses_beta else 'no'} | "
-                     f"{'M (one per objective)' if a.per_objective_upload else '1'} |")
-    lines += ["", "## Inputs", "", *INPUTS_TEXT.strip().splitlines()]
-    lines += ["", "## Presets", "", "| preset | overrides |", "| --- | --- |"]
-    for name, values in PRESETS.items():
-        shown = ", ".join(f"`{k.replace('_', '-')}={v!r}`" for k, v in values.items()) or "(the defaults)"
-        lines.append(f"| `{name}` | {shown} |")
-    return "\n".join(lines) + "\n"
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings of a dataclass's fields (the string literal under each field), for --help and
-    the docs. Works for any config dataclass (FirmConfig, FitConfig, SyntheticConfig, ...)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "field_docs", "coerce",
-           "config_reference_markdown"]
+__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config",
+           "coerce"]

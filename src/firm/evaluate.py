@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from firm.checks import check_adapter, check_context, check_reward_spec
+from firm.preflight import check_adapter, check_context, check_policy, check_reward_spec
 from firm.config import EVAL_SEED, ConfigError, FirmConfig
-from firm.models import check_policy, load_policy, resolve_device
+from firm.models import load_policy, resolve_device
 from firm.partition import split_evaluation
 from firm.prompts import Prompt, load_prompts
 from firm.rewards import build_rewards

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from firm.numbers import finite_number
+
 MAX_ENUMERATION_OBJECTIVES = 16
 """Largest M the support enumeration accepts. Its worst case (a vertex solution, found last)
 solves 2^16 - 1 = 65535 small KKT systems: several seconds on one CPU core at M = 16."""
@@ -92,18 +94,11 @@ def validate_preference(preference: Any, num_objectives: int) -> np.ndarray:
     return p / total
 
 
-def _validate_beta(beta: Any) -> float:
+def check_beta(beta: Any) -> float:
+    """beta as a float; ValueError unless it is a finite number >= 0 (the solver's domain)."""
     if isinstance(beta, bool):
         raise ValueError(f"beta must be a number, got {beta!r}")
-    try:
-        value = float(beta)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"beta must be a number, got {beta!r}") from error
-    if not np.isfinite(value):
-        raise ValueError(f"beta must be finite, got {value}")
-    if value < 0:
-        raise ValueError(f"beta must be >= 0, got {value}")
-    return value
+    return finite_number(beta, "beta", minimum=0.0)
 
 
 def _validate_square_symmetric(gram: Any) -> np.ndarray:
@@ -143,9 +138,17 @@ def cosine_similarity_matrix(gram: Any) -> np.ndarray:
     return np.clip(cosine, -1.0, 1.0)
 
 
-def _objective(a: np.ndarray, beta: float, p: np.ndarray, weights: np.ndarray) -> float:
-    """``l^T A l + beta ||l - p||^2`` for a trace-normalised A."""
-    return float(weights @ a @ weights + beta * np.sum((weights - p) ** 2))
+def gram_geometry(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per objective pair (i < j): D_ij = |g_i - g_j|^2 / tr G and the cosine; and the ratio of
+    the largest to the smallest gradient norm. D near 0 means collinear gradients (every
+    weighting is the same step); with two objectives MGDA's lambda_1 = (G_22 - G_12) / (tr G D).
+    The norm ratio is smallest / largest, so it stays in [0, 1] when a gradient vanishes."""
+    pairs = np.triu_indices(gram.shape[0], k=1)
+    diag = np.diag(gram)
+    distance = (diag[:, None] + diag[None, :] - 2 * gram)[pairs] / max(float(np.trace(gram)), 1e-300)
+    norms = np.sqrt(np.maximum(diag, 0.0))
+    ratio = float(norms.min() / norms.max()) if norms.max() > 0 else 0.0
+    return distance, cosine_similarity_matrix(gram)[pairs], ratio
 
 
 def _closed_form_two(a: np.ndarray, beta: float, p: np.ndarray) -> np.ndarray:
@@ -220,16 +223,17 @@ def _project_to_simplex_rounding(weights: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def solve_weights(gram: Any, beta: float = 0.01, preference: Any = None) -> np.ndarray:
+def solve_weights(gram: Any, beta: float, preference: Any = None) -> np.ndarray:
     """Regularized MGDA weights: argmin over the simplex of ``l^T (G/trG) l + beta ||l - p||^2``.
 
     ``gram`` is the M x M Gram matrix of the per-objective gradients (numpy or torch, any
-    dtype/device); ``preference`` p defaults to uniform. Returns a float64 array on the
+    dtype/device); ``beta`` has no default here (FirmConfig.beta owns it); ``preference`` p
+    defaults to uniform. Returns a float64 array on the
     simplex. A zero Gram matrix (all gradients zero) returns p. With beta = 0 and a singular
     G the minimiser may not be unique; any minimiser is returned.
     """
     g = _validate_square_symmetric(gram)
-    beta = _validate_beta(beta)
+    beta = check_beta(beta)
     num = g.shape[0]
     p = validate_preference(preference, num)
     if num > MAX_ENUMERATION_OBJECTIVES:

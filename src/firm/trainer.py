@@ -1,42 +1,37 @@
 """The local FIRM update: one client, one round (read top to bottom).
 
-1. Rollout: sample prompts from the client's shard, render them with the chat template,
-   sample responses with a KV cache, and keep, from that same sampling pass, the per-token
-   log-probs of the current (behaviour) policy and the hidden states the critic reads; then
-   one forward of the reference (the same model with the LoRA adapter disabled).
+1. Rollout (firm.sampling): sample prompts from the client's shard, render them with the chat
+   template, sample responses with a KV cache, and keep, from that same sampling pass, the
+   per-token log-probs of the current (behaviour) policy and the hidden states the critic
+   reads; then one forward of the reference (the same model with the LoRA adapter disabled).
 2. Rewards: score every response with each of the M reward models, normalise each objective's
    scores with a running mean/std, add a per-token KL penalty, and run GAE per objective.
 3. PPO epochs over minibatches. Each minibatch does ONE forward pass, builds the M clipped
    surrogate losses (one shared probability ratio, objective-specific advantages), takes the
-   per-objective LoRA gradients g_m from that one graph, forms the Gram matrix
-   G_ij = g_i . g_j, solves lambda = argmin_simplex l^T (G/trG) l + beta ||l - p||^2 and steps
-   along sum_m lambda_m g_m (plus the critic's own gradient). Non-finite or all-zero gradients
-   skip the step and are counted.
+   per-objective LoRA gradients g_m from that one graph (firm.gradients), forms the Gram matrix
+   G_ij = g_i . g_j, solves lambda = argmin_simplex l^T (G/trG) l + beta ||l - p||^2 (firm.mgda)
+   and steps along sum_m lambda_m g_m (plus the critic's own gradient). Non-finite or all-zero
+   gradients skip the step and are counted.
 
 Tricks, named: left padding with explicit position ids; log-probs from the tempered
 distribution that was sampled; reward whitening per objective (running stats); advantage
 whitening per objective; clipped value loss on a detached-feature critic; gradient-norm
 clipping of the combined direction; KL penalty at every token, score at the last token.
 
-Speed tricks, all exact (tests/test_fast_paths.py compares each with the slow path; numbers in
-docs/performance.md): no separate old-log-prob forward, the behaviour log-probs and the critic's
-hidden states come out of the sampling pass (equal to a full forward to float rounding); the
-LoRA adapter is merged into the base weights while sampling and the base is restored bit for
-bit after (models.merged_lora); the sampling loop is transformers' generate() token for token
-when given generate()'s multinomial draw, and by default draws each token by inverse CDF (one
-uniform number per row instead of one per vocabulary entry; the same distribution, tested). Optional: the M per-objective gradients from one vmapped backward
-(``batched_objective_gradients``) instead of M backward passes.
+Speed paths, exact either way (tests/test_fast_paths.py compares each with the slow path) and
+chosen by constructor arguments: ``merge_lora_for_sampling`` (default on) and
+``batched_objective_gradients`` (one vmapped backward instead of M; default off). Settings that
+change the numbers are config fields: ``gram = last-hidden`` (MGDA-UB's approximate weights) and
+``sampling_dtype = bfloat16`` (rollouts from a bfloat16 copy of the merged policy).
 
-Approximate, opt-in (``gram = last-hidden``): MGDA-UB's weights from the gradients at the last
-hidden states and one backward of the weighted loss; lambda's agreement with the exact one is
-measured in docs/performance.md. Also opt-in (``sampling_dtype = bfloat16``): rollouts sampled
-from a bfloat16 copy of the merged policy (models.BFloat16Sampler), whose log-probs are then the
-behaviour log-probs; what that changes is measured in studies/bf16_sampling.py.
+What the trainer owns for the federation: ``max_local_steps`` (the optimiser steps its loop can
+take in a round, from the same ``minibatch_slices`` the loop runs) and the metrics ``summarize``
+writes (``ROUND_METRICS``, ``PER_STEP_METRICS``); firm.federation.protocol builds the reply schema
+from them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -44,11 +39,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from firm.config import FirmConfig
-from firm.mgda import cosine_similarity_matrix, solve_weights
-from firm.models import BFloat16Sampler, MultiObjectiveValueHead, lora_parameters, merged_lora
+from firm.gradients import last_hidden_gram, logprob_hidden_gradients, objective_gradients, token_loss_weights
+from firm.mgda import gram_geometry, solve_weights
+from firm.models import BFloat16Sampler, MultiObjectiveValueHead, lora_parameters
 from firm.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -58,12 +53,24 @@ from firm.ppo import (
     compute_rewards,
     gae,
     kl_penalty_loss,
-    masked_mean,
     per_token_kl,
     whiten,
 )
 from firm.prompts import Prompt
 from firm.rewards import RewardModel
+from firm.sampling import generate, policy_forward, policy_outputs, predicting_positions
+
+# The metrics summarize writes beside one "reward/<name>" per objective, as (key, kind): "scalar",
+# "objectives" (a list of M) or "pairs" (a list of M(M-1)/2).
+REWARD_PREFIX = "reward/"
+ROUND_METRICS = (
+    ("kl", "scalar"), ("response_tokens", "scalar"), ("lambda_mean", "objectives"), ("lambda_last", "objectives"),
+    ("grad_cosine", "pairs"), ("policy_loss", "scalar"), ("value_loss", "scalar"), ("approx_kl", "scalar"),
+    ("clipfrac", "scalar"), ("steps", "scalar"), ("skipped_steps", "scalar"), ("num-examples", "scalar"),
+)
+# Per local step (taken or skipped), flattened step-major: one entry of this kind per step.
+PER_STEP_METRICS = (("step_lambda", "objectives"), ("step_gram_distance", "pairs"), ("step_cosine", "pairs"),
+                    ("step_norm_ratio", "scalar"), ("step_taken", "scalar"))
 
 
 @dataclass
@@ -117,208 +124,18 @@ class StepRecord:
     gram: np.ndarray | None = None  # G = [g_i . g_j] the weights were solved on (None when skipped)
 
 
-def gram_geometry(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Per objective pair (i < j): D_ij = |g_i - g_j|^2 / tr G and the cosine; and the ratio of
-    the largest to the smallest gradient norm. D near 0 means collinear gradients (every
-    weighting is the same step); with two objectives MGDA's lambda_1 = (G_22 - G_12) / (tr G D).
-    The norm ratio is smallest / largest, so it stays in [0, 1] when a gradient vanishes."""
-    pairs = np.triu_indices(gram.shape[0], k=1)
-    diag = np.diag(gram)
-    distance = (diag[:, None] + diag[None, :] - 2 * gram)[pairs] / max(float(np.trace(gram)), 1e-300)
-    norms = np.sqrt(np.maximum(diag, 0.0))
-    ratio = float(norms.min() / norms.max()) if norms.max() > 0 else 0.0
-    return distance, cosine_similarity_matrix(gram)[pairs], ratio
+def minibatch_slices(n: int, num_minibatches: int) -> list[slice]:
+    """The minibatches of one PPO epoch over n rollouts: n // num_minibatches each (at least 1);
+    a remainder that does not fill one is left out of this epoch."""
+    size = max(1, n // num_minibatches)
+    return [slice(start, start + size) for start in range(0, n - size + 1, size)]
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as generate() uses them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for every token up to and including the first EOS, 0 after it."""
-    is_eos = response_ids == eos_token_id
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return (~after_eos).float()
-
-
-def predicting_positions(response_length: int) -> slice:
-    """The positions whose hidden states predict the last ``response_length`` tokens."""
-    return slice(-response_length - 1, -1)
-
-
-def policy_outputs(model, input_ids, attention_mask, response_length: int, temperature: float):
-    """Per-token log-probs of the response tokens, the hidden states that predicted them, and the
-    whole last hidden-state tensor [B, L, H] the log-probs were computed from (the representation
-    every LoRA gradient flows through; gram = last-hidden differentiates with respect to it)."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=True,
-        use_cache=False,
-        logits_to_keep=response_length + 1,
-    )
-    logits = out.logits[:, :-1, :] / temperature
-    targets = input_ids[:, -response_length:]
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    representation = out.hidden_states[-1]
-    return logprobs, representation[:, predicting_positions(response_length)], representation
-
-
-def policy_forward(model, input_ids, attention_mask, response_length: int, temperature: float):
-    """Per-token log-probs of the response tokens and the hidden states that predicted them."""
-    logprobs, hidden, _ = policy_outputs(model, input_ids, attention_mask, response_length, temperature)
-    return logprobs, hidden
-
-
-@dataclass
-class Generation:
-    input_ids: torch.Tensor  # [B, P + T] query (left-padded) + response
-    attention_mask: torch.Tensor  # [B, P + T]
-    response_mask: torch.Tensor  # [B, T]
-    responses: list[str]
-    logprobs: torch.Tensor  # [B, T] log-prob of each sampled token (tempered), 0 after EOS
-    hidden: torch.Tensor  # [B, T, H] last hidden state that predicted each sampled token
-
-
-def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``probs`` ([B, V], unnormalised, >= 0) by inverse CDF: one uniform
-    number per row, located in the row's running sum (float64). The same distribution as
-    torch.multinomial(probs, 1), which draws one exponential number per vocabulary entry: with
-    SmolLM2's 49,152 tokens that was 10% of generation on a 2-core CPU (docs/performance.md).
-    Zero-probability tokens are never drawn."""
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-
-
-def multinomial_tokens(probs: torch.Tensor) -> torch.Tensor:
-    """transformers' generate() draw: the same tokens as generate() for the same seed."""
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
-
-
-@torch.no_grad()
-def sample(model, input_ids, attention_mask, max_new_tokens: int, temperature: float, top_p: float,
-           eos_token_id: int, pad_token_id: int, draw=draw_tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ancestral sampling with a KV cache: [B, T] tokens, the log-prob of each under the tempered
-    distribution softmax(logits / temperature) it was drawn from, and the [B, T, H] last hidden
-    states that predicted them. After a row's EOS it gets pad tokens; the loop stops when every
-    row has finished. Positions skip left padding, as in policy_forward. ``draw`` picks a token
-    per row from the probabilities (multinomial_tokens reproduces generate() token for token)."""
-    batch = input_ids.shape[0]
-    step_ids, mask, positions = input_ids, attention_mask, position_ids_from_mask(attention_mask)
-    cache: dict = {}
-    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    tokens, logprobs, hidden = [], [], []
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    output_hidden_states=True, logits_to_keep=1, **cache)
-        # transformers >= 5 names the cache `cache`, 4.x `past_key_values`
-        cache = {"cache": out.cache} if getattr(out, "cache", None) is not None else {
-            "past_key_values": out.past_key_values}
-        scores = out.logits[:, -1].float() / temperature
-        probs = torch.softmax(scores, dim=-1)  # as transformers' sampling computes it
-        next_tokens = draw(_top_p_filter(probs, top_p) if top_p < 1.0 else probs)
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-        tokens.append(next_tokens)
-        # log of the drawn token's probability, one full-vocabulary pass fewer than a log_softmax
-        # (a drawn token's probability is never 0; the pad after EOS may be, so it gets 0)
-        drawn = probs.gather(-1, next_tokens[:, None]).squeeze(-1)
-        logprobs.append(torch.where(unfinished, torch.log(drawn), torch.zeros_like(drawn)))
-        hidden.append(out.hidden_states[-1][:, -1])
-        unfinished &= next_tokens != eos_token_id
-        if not unfinished.any():
-            break
-        step_ids = next_tokens[:, None]
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(hidden, 1)
-
-
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-    return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-
-
-@torch.no_grad()
-def generate(policy, tokenizer, prompts: Sequence[Prompt], cfg: FirmConfig, merge_lora: bool = True,
-             sampler: BFloat16Sampler | None = None) -> Generation:
-    """Render prompts with the chat template and sample responses (KV cache on). The behaviour
-    log-probs and the critic's hidden states come out of the same pass (no second forward), and
-    with ``merge_lora`` the adapter is folded into the base while sampling (models.merged_lora).
-    With a ``sampler`` (sampling_dtype = bfloat16) the tokens, behaviour log-probs and hidden
-    states come from its bfloat16 copy of the merged policy instead."""
-    texts = [tokenizer.apply_chat_template(p.chat_messages(), tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_tokens,
-                    add_special_tokens=False)
-    policy.eval()
-    enc = enc.to(policy.device)
-    if sampler is not None:
-        response_ids, logprobs, hidden = sample(sampler.refresh(), enc.input_ids, enc.attention_mask,
-                                                cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                                tokenizer.eos_token_id, tokenizer.pad_token_id)
-    else:
-        with merged_lora(policy) if merge_lora else contextlib.nullcontext():
-            response_ids, logprobs, hidden = sample(policy, enc.input_ids, enc.attention_mask, cfg.max_new_tokens,
-                                                    cfg.temperature, cfg.top_p, tokenizer.eos_token_id,
-                                                    tokenizer.pad_token_id)
-    response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
-    attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
-    lengths = response_mask.sum(-1).long()
-    responses = [tokenizer.decode(ids[:n], skip_special_tokens=True).strip() for ids, n in zip(response_ids, lengths)]
-    return Generation(torch.cat([enc.input_ids, response_ids], dim=1), attention_mask, response_mask, responses,
-                      logprobs * response_mask, hidden)
-
-
-def objective_gradients(losses: torch.Tensor, params: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:
-    """[M, D] float64: row m is the gradient of losses[m] with respect to ``params``, flattened.
-
-    Default: M backward passes through the one graph (retained between them). ``batched``: one
-    vmapped backward with the M unit vectors as grad_outputs (autograd's is_grads_batched);
-    the same numbers, faster or slower depending on the hardware (scripts/bench_step.py).
-    """
-    M = losses.shape[0]
-    if batched:
-        eye = torch.eye(M, dtype=losses.dtype, device=losses.device)
-        grads = torch.autograd.grad(losses, list(params), grad_outputs=eye, is_grads_batched=True, allow_unused=True)
-        return torch.cat([(g if g is not None else p.new_zeros((M, *p.shape))).reshape(M, -1)
-                          for g, p in zip(grads, params)], dim=1).double()
-    rows = []
-    for m in range(M):
-        grads = torch.autograd.grad(losses[m], list(params), retain_graph=m < M - 1, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
-    return torch.stack(rows).double()
-
-
-def token_loss_weights(rows: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """[R, B, T]: d rows[r] / d logprobs[b, t], each loss row's weight on each response token's
-    log-prob. A backward through the loss arithmetic only; the model's graph is kept."""
-    return torch.stack([torch.autograd.grad(row, logprobs, retain_graph=True)[0] for row in rows])
-
-
-def logprob_hidden_gradients(logprobs: torch.Tensor, representation: torch.Tensor) -> torch.Tensor:
-    """[B, T, H]: the gradient of each response token's log-prob at the last hidden state that
-    predicted it (``representation`` is policy_outputs' [B, L, H] tensor). A log-prob reads only
-    its own position's hidden state, so the gradient of their sum separates by position: ONE
-    backward through the LM head gives all of them. The model's graph is kept."""
-    (grad,) = torch.autograd.grad(logprobs, representation, grad_outputs=torch.ones_like(logprobs),
-                                  retain_graph=True)
-    return grad[:, predicting_positions(logprobs.shape[1])]
-
-
-def last_hidden_gram(token_weights: torch.Tensor, hidden_gradients: torch.Tensor) -> np.ndarray:
-    """[M, M] float64 MGDA-UB Gram (Sener & Koltun, 2018) of the M losses' gradients at the last
-    hidden states. Loss m's gradient there is token_weights[m, b, t] * hidden_gradients[b, t] at
-    each response position (the chain rule through that position's log-prob), so
-    G_ij = sum_{b,t} w_i w_j |v_bt|^2: no per-objective backward at all."""
-    weights = token_weights.double().reshape(token_weights.shape[0], -1)
-    squared_norms = hidden_gradients.double().pow(2).sum(-1).reshape(1, -1)
-    return ((weights * squared_norms) @ weights.T).cpu().numpy()
+def max_local_steps(config: FirmConfig) -> int:
+    """The most optimiser steps one local pass can take in a round: rollouts_per_round batches of
+    n <= rollout_batch_size prompts (a shard may be smaller), ppo_epochs over minibatch_slices."""
+    per_epoch = max(len(minibatch_slices(n, config.num_minibatches)) for n in range(1, config.rollout_batch_size + 1))
+    return config.rollouts_per_round * config.ppo_epochs * per_epoch
 
 
 def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str],
@@ -340,6 +157,8 @@ class FirmLocalTrainer:
         reward_stats: RunningMeanStd | None = None,
         kl_controller: AdaptiveKLController | FixedKLController | None = None,
         sampler: BFloat16Sampler | None = None,
+        merge_lora_for_sampling: bool = True,
+        batched_objective_gradients: bool = False,
     ):
         self.policy = policy
         self.tokenizer = tokenizer
@@ -360,9 +179,9 @@ class FirmLocalTrainer:
             )
         self.kl_controller = kl_controller
         self.optimizer = self.make_optimizer()
-        # Speed switches, exact either way (scripts/bench_step.py --variants measures each).
-        self.merge_lora_for_sampling = True
-        self.batched_objective_gradients = False
+        # Speed paths, exact either way (scripts/bench_step.py --variants measures each).
+        self.merge_lora_for_sampling = merge_lora_for_sampling
+        self.batched_objective_gradients = batched_objective_gradients
         # sampling_dtype = bfloat16 (opt-in): rollouts from a bfloat16 copy of the merged policy;
         # pass ``sampler`` to reuse one copy across rounds (building it costs a model copy).
         self.sampler = (sampler or BFloat16Sampler(policy)) if config.sampling_dtype == "bfloat16" else None
@@ -450,12 +269,8 @@ class FirmLocalTrainer:
         values = self.value_head(hidden)
         value_loss, _ = clipped_value_loss(values, rollout.values[idx], returns[idx], mask, cfg.clip_range_value)
 
-        solved = None
-        if torch.isfinite(value_loss):
-            if cfg.gram == "exact":
-                solved = self.exact_policy_gradient(losses, kl_loss)
-            else:
-                solved = self.last_hidden_policy_gradient(losses, kl_loss, logprobs, representation)
+        policy_gradient = self.exact_policy_gradient if cfg.gram == "exact" else self.last_hidden_policy_gradient
+        solved = policy_gradient(losses, kl_loss, logprobs, representation) if torch.isfinite(value_loss) else None
         if solved is None:
             stats.skipped_steps += 1  # never apply a non-finite or empty direction
             stats.step_records.append(self.skipped_record())
@@ -488,12 +303,13 @@ class FirmLocalTrainer:
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
 
-    def exact_policy_gradient(self, losses: torch.Tensor, kl_loss: torch.Tensor | None
-                              ) -> tuple[np.ndarray, np.ndarray] | None:
+    def exact_policy_gradient(self, losses: torch.Tensor, kl_loss: torch.Tensor | None, logprobs: torch.Tensor,
+                              representation: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
         """gram = exact: the M per-objective LoRA gradients from the one graph (one forward, M
         backward passes; the KL loss, when outside the objectives, is one more row whose gradient
         is added after the weights are solved). Sets the LoRA grads to sum_m lambda_m g_m and
-        returns (G, lambda); None when a gradient is non-finite or all of them are zero."""
+        returns (G, lambda); None when a gradient is non-finite or all of them are zero. (It takes
+        the step's log-probs and hidden states as the last-hidden path does, unused here.)"""
         rows = losses if kl_loss is None else torch.cat([losses, kl_loss.reshape(1)])
         gradients = objective_gradients(rows, self.lora_params, batched=self.batched_objective_gradients)
         flat = gradients[: self.num_objectives]  # [M, D]
@@ -558,12 +374,11 @@ class FirmLocalTrainer:
 
     def ppo_epochs(self, rollout: Rollout, advantages, returns, stats: RoundStats, seed: int) -> None:
         n = rollout.input_ids.shape[0]
-        minibatch = max(1, n // self.config.num_minibatches)
         generator = torch.Generator().manual_seed(seed)
         for _epoch in range(self.config.ppo_epochs):
             order = torch.randperm(n, generator=generator).to(rollout.input_ids.device)
-            for start in range(0, n - minibatch + 1, minibatch):
-                self.firm_step(rollout, order[start : start + minibatch], advantages, returns, stats)
+            for minibatch in minibatch_slices(n, self.config.num_minibatches):
+                self.firm_step(rollout, order[minibatch], advantages, returns, stats)
 
     def train_round(self, shard: Sequence[Prompt], rng: random.Random) -> RoundStats:
         """FIRM (and the mgda / linear ablations): rollout, PPO epochs, repeat."""
@@ -575,9 +390,10 @@ class FirmLocalTrainer:
 
 
 def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float | list[float]]:
-    """Flatten a round's stats into the per-client metrics that go into Flower's MetricRecord.
+    """Flatten a round's stats into flat metrics: one ``reward/<name>`` per objective, then
+    ROUND_METRICS and PER_STEP_METRICS.
 
-    Every key is present whatever happened (Flower requires identical keys across replies), and
+    Every key is present whatever happened (a federation needs identical keys across replies), and
     no value is NaN: in a round where every step was skipped, lambda is reported as the uniform
     vector, the losses as 0, and steps = 0 with skipped_steps > 0 says so.
     """
@@ -585,7 +401,7 @@ def summarize(stats: RoundStats, reward_names: Sequence[str]) -> dict[str, float
     scores = torch.cat(stats.scores).double()
     metrics: dict[str, float | list[float]] = {}
     for m, name in enumerate(reward_names):
-        metrics[f"reward/{name}"] = float(scores[:, m].mean())
+        metrics[f"{REWARD_PREFIX}{name}"] = float(scores[:, m].mean())
     metrics["kl"] = float(torch.cat(stats.kl_per_sequence).mean())
     metrics["response_tokens"] = float(torch.cat(stats.response_tokens).mean())
     if stats.lambdas:

@@ -9,13 +9,29 @@ One mechanism for every command: ``firm train`` (FirmConfig), ``firm reward fit`
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Collection
 
-from firm.config import ConfigError, coerce, field_docs
+from firm.config import ConfigError, coerce
 from firm.errors import FirmError
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of a dataclass's fields (the string literal under each field), for --help and
+    the docs. Works for any config dataclass (FirmConfig, FitConfig, SyntheticConfig, ...)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
 
 
 class UsageError(FirmError):

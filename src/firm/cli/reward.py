@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from firm.checks import check_reward_spec
+from firm.preflight import check_reward_spec
 from firm.cli.flags import add_dataclass_flags, check_output_folder, dataclass_overrides
 from firm.config import ConfigError
 from firm.rewards import RewardModel, build_reward

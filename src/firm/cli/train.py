@@ -20,7 +20,8 @@ from rich.table import Table
 
 from firm.cli.flags import add_dataclass_flags, dataclass_overrides
 from firm.config import PRESETS, ConfigError, FirmConfig, build_config
-from firm.federation.simulation import preflight, run_simulation
+from firm.federation.simulation import run_simulation
+from firm.preflight import preflight
 from firm.rundir import RunDir, default_run_dir
 
 

@@ -1,5 +1,6 @@
-"""What the ServerApp and the ClientApp agree on: message keys, node-state names and how the
-run's FirmConfig travels (a ConfigRecord each round; run-config keys under `flwr run`).
+"""What the ServerApp and the ClientApp agree on: message keys, node-config keys, the reply
+schema and how the run's FirmConfig travels (a ConfigRecord each round; run-config keys under
+`flwr run`).
 
 Both apps import this module and nothing of each other, as in Flower's examples.
 """
@@ -16,35 +17,24 @@ from flwr.app import ConfigRecord
 from firm.config import ConfigError, FirmConfig, build_config
 from firm.rewards import parse_reward_spec
 from firm.rewards.descriptor import read_descriptor
+from firm.trainer import PER_STEP_METRICS, REWARD_PREFIX, ROUND_METRICS, max_local_steps
 
 # The global round number (continues across --resume) that the server adds to the config.
 ROUND_KEY = "firm-round"
 # Keys Flower or the server add to the ConfigRecord beside the FirmConfig fields.
 FLOWER_CONFIG_KEYS = ("server-round", ROUND_KEY)
-# The node state that survives between rounds (in memory; on disk see firm.federation.client_app).
-STATE_VALUE_HEAD = "firm.value_head"
-STATE_CLIENT = "firm.client_state"
-STATE_OPTIMIZER = "firm.optimizer"
 # A deployed node's own directory for its state (node config: --node-config "state-dir=PATH").
 NODE_STATE_DIR_KEY = "state-dir"
 # Node-side choices (node config keys) the server cannot override.
 NODE_PROMPTS_KEY = "prompts"
 NODE_SAMPLES_KEY = "sample-responses"
 NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
-# Metrics every reply carries beside the per-objective rewards, as (key, kind): "scalar",
-# "objectives" (a list of M) or "pairs" (a list of M(M-1)/2). firm.trainer.summarize writes them;
-# the client app adds partition-id and kl_coef.
-REPLY_METRICS = (
-    ("kl", "scalar"), ("response_tokens", "scalar"), ("lambda_mean", "objectives"), ("lambda_last", "objectives"),
-    ("grad_cosine", "pairs"), ("policy_loss", "scalar"), ("value_loss", "scalar"), ("approx_kl", "scalar"),
-    ("clipfrac", "scalar"), ("steps", "scalar"), ("skipped_steps", "scalar"), ("num-examples", "scalar"),
-    ("partition-id", "scalar"), ("kl_coef", "scalar"),
-)
-# Per-local-step lists (firm.trainer.summarize): their length is the number of steps the client
-# took or skipped times a width (objectives, objective pairs or 1), checked against the counts.
+# Metrics every reply carries beside the per-objective rewards, as (key, kind): what the trainer's
+# summarize writes (firm.trainer owns those keys) and the two the client app adds.
+REPLY_METRICS = ROUND_METRICS + (("partition-id", "scalar"), ("kl_coef", "scalar"))
+# Per-local-step lists (firm.trainer.PER_STEP_METRICS): their length is the number of steps the
+# client took or skipped times a width (objectives, objective pairs or 1), checked against the counts.
 PER_STEP = -1
-PER_STEP_METRICS = ("step_lambda", "step_gram_distance", "step_cosine", "step_norm_ratio", "step_taken")
-REWARD_PREFIX = "reward/"
 # Probability vectors in a reply must sum to 1 within this.
 SIMPLEX_TOLERANCE = 1e-6
 # The run-config key that names a preset (every other key is a FirmConfig field).
@@ -103,44 +93,6 @@ def objective_names(config: FirmConfig) -> list[str]:
     return names
 
 
-def max_local_steps(config: FirmConfig) -> int:
-    """Optimiser steps one local pass can take in a round (firm.trainer.ppo_epochs over a rollout
-    batch of n <= rollout_batch_size prompts: n // max(1, n // num_minibatches) minibatches)."""
-    per_epoch = max(n // max(1, n // config.num_minibatches) for n in range(1, config.rollout_batch_size + 1))
-    return config.rollouts_per_round * config.ppo_epochs * per_epoch
-
-
-def honest_step_ceiling(config: FirmConfig, num_parameters: int) -> float:
-    """The L2 norm of the largest update an honest client's pass can make: AdamW moves each
-    coordinate by about learning_rate per step (Adam's normalised step), so at most
-    learning_rate x steps x sqrt(parameters), reached only if every coordinate moves the same way
-    every step; SGD moves by learning_rate x the clipped gradient, at most
-    learning_rate x max_grad_norm per step."""
-    per_step = config.max_grad_norm if config.optimizer == "sgd" else math.sqrt(num_parameters)
-    return config.learning_rate * max_local_steps(config) * per_step
-
-
-# max_update_norm = 0 (auto) allows this multiple of the honest ceiling. Measured honest updates
-# (L2 of client adapter - global adapter):
-# - tiny test model (tests/test_cli.py: 3,584 LoRA parameters, 1 step per round, ceiling 0.0180):
-#   round 1 0.0115 (only lora_B moves: 3e-4 x sqrt(1,536)), round 2 0.0171-0.0175, i.e. 97% of
-#   the ceiling: a one-step round moves nearly every coordinate by learning_rate;
-# - embedded SmolLM2, default config (921,600 parameters, 4 steps, ceiling 1.15; 6 with a
-#   3-prompt shard, 1.73): root-mean-square client update 0.60 in round 1, 0.69 in round 2 (from
-#   a 4-client run's global updates and adapter_distance: mean |u_c|^2 = |mean u|^2 + mean
-#   |u_c - mean u|^2), 52-60% of the ceiling.
-# Twice the ceiling leaves room for AdamW's weight decay and Adam's occasional per-coordinate step
-# above learning_rate, while a hostile reply (x10^6, or any update many times an honest one) fails.
-AUTO_UPDATE_BOUND_FACTOR = 2.0
-
-
-def update_bound(config: FirmConfig, num_parameters: int) -> float:
-    """The largest accepted L2 distance of a client adapter from the global adapter."""
-    if config.max_update_norm > 0:
-        return config.max_update_norm
-    return AUTO_UPDATE_BOUND_FACTOR * honest_step_ceiling(config, num_parameters)
-
-
 @dataclasses.dataclass(frozen=True)
 class ReplySchema:
     """The metrics a client reply must carry (key -> list length, 0 for a scalar) and the bounds
@@ -153,14 +105,18 @@ class ReplySchema:
     num_objectives: int = 2
 
 
+def kind_length(kind: str, num_objectives: int) -> int:
+    """A metric kind's list length: 0 for a scalar (a number, not a list), M, or M(M-1)/2."""
+    return {"scalar": 0, "objectives": num_objectives, "pairs": num_objectives * (num_objectives - 1) // 2}[kind]
+
+
 def reply_schema(config: FirmConfig, objectives: list[str] | None = None) -> ReplySchema:
     names = objective_names(config) if objectives is None else objectives
     m = len(names)
-    lengths = {"scalar": 0, "objectives": m, "pairs": m * (m - 1) // 2}
     metrics = {f"{REWARD_PREFIX}{name}": 0 for name in names}
-    metrics.update({key: lengths[kind] for key, kind in REPLY_METRICS})
+    metrics.update({key: kind_length(kind, m) for key, kind in REPLY_METRICS})
     passes = config.algorithm_spec().adapters_uploaded(m)  # fsmgda: one pass per objective
-    metrics.update({key: PER_STEP for key in PER_STEP_METRICS})
+    metrics.update({key: PER_STEP for key, _ in PER_STEP_METRICS})
     return ReplySchema(metrics=metrics, max_examples=config.rollouts_per_round * config.rollout_batch_size,
                        max_steps=passes * max_local_steps(config), max_samples=config.sample_responses,
                        num_objectives=m)
@@ -175,9 +131,8 @@ def check_per_step(schema: ReplySchema, metrics: Mapping[str, Any]) -> str | Non
     reply says it took or skipped, finite, lambda on the simplex where a step was taken."""
     steps = int(metrics["steps"]) + int(metrics["skipped_steps"])
     m = schema.num_objectives
-    widths = {"step_lambda": m, "step_gram_distance": m * (m - 1) // 2, "step_cosine": m * (m - 1) // 2,
-              "step_norm_ratio": 1, "step_taken": 1}
-    for key in PER_STEP_METRICS:
+    widths = {key: max(1, kind_length(kind, m)) for key, kind in PER_STEP_METRICS}
+    for key, _ in PER_STEP_METRICS:
         value = metrics[key]
         if not isinstance(value, list) or len(value) != steps * widths[key]:
             got = f"a list of {len(value)}" if isinstance(value, list) else "a number"

@@ -20,45 +20,11 @@ import torch
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.simulation import run_simulation as flwr_run_simulation
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from firm.checks import check_context, check_reward_spec
-from firm.config import ConfigError, FirmConfig
+from firm.config import FirmConfig
 from firm.federation.client_app import make_client_app
 from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_SAMPLES_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
-from firm.models import check_policy, resolve_device, resolve_policy_path
-from firm.partition import partition_prompts, split_evaluation
-from firm.prompts import load_prompts
-
-
-def preflight(config: FirmConfig) -> None:
-    """Fail before starting Flower (and before creating the run directory) on inputs that
-    would otherwise only fail inside a client: prompts, partition, reward specs, policy and
-    its LoRA targets and context length, device."""
-    train, _ = split_evaluation(load_prompts(config.prompts), config.eval_fraction)
-    partition_prompts(train, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
-                      seed=config.partition_seed)
-    for spec in config.reward_specs():
-        check_reward_spec(spec)
-    check_policy(config.policy)
-    check_policy_settings(config)
-    resolve_device(config.device)
-
-
-def check_policy_settings(config: FirmConfig) -> None:
-    """The LoRA target modules exist in the policy, and prompt + response fit its context. Reads
-    the policy's config and builds its module tree on the meta device (no weights)."""
-    check_context(config.policy, config.max_prompt_tokens, config.max_new_tokens)
-    model_config = AutoConfig.from_pretrained(resolve_policy_path(config.policy))
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
-                     if isinstance(module, torch.nn.Linear)})
-    missing = [name for name in config.target_modules() if name not in linear]
-    if missing:
-        raise ConfigError(f"lora_target_modules {', '.join(missing)} not found in the policy; its linear layers are: "
-                          f"{', '.join(linear)}")
+from firm.models import resolve_device
 
 
 def simulation_backend_config(config: FirmConfig, cpus: int, verbose: bool = False) -> dict:

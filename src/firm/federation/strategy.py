@@ -45,8 +45,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from firm.config import FirmConfig
-from firm.federation.protocol import ROUND_KEY, ReplySchema, check_metrics, check_samples, reply_schema, update_bound
-from firm.fsmgda import fsmgda_combine, pack_objectives, split_objectives
+from firm.federation.protocol import ROUND_KEY, ReplySchema, check_metrics, check_samples, reply_schema
+from firm.fsmgda.server import fsmgda_combine, pack_objectives, split_objectives
+from firm.trainer import max_local_steps
 
 # The longest a node's failure reason may be in the one-line stop message (metrics.jsonl keeps it whole).
 SHORT_REASON_CHARS = 240
@@ -65,6 +66,37 @@ class RoundFailed(FederationError):
     def __init__(self, message: str, record: dict[str, Any]):
         super().__init__(message)
         self.record = record
+
+
+def honest_step_ceiling(config: FirmConfig, num_parameters: int) -> float:
+    """The L2 norm of the largest update an honest client's pass can make: AdamW moves each
+    coordinate by about learning_rate per step (Adam's normalised step), so at most
+    learning_rate x steps x sqrt(parameters), reached only if every coordinate moves the same way
+    every step; SGD moves by learning_rate x the clipped gradient, at most
+    learning_rate x max_grad_norm per step. The steps are the trainer's own count."""
+    per_step = config.max_grad_norm if config.optimizer == "sgd" else math.sqrt(num_parameters)
+    return config.learning_rate * max_local_steps(config) * per_step
+
+
+# max_update_norm = 0 (auto) allows this multiple of the honest ceiling. Measured honest updates
+# (L2 of client adapter - global adapter):
+# - tiny test model (tests/test_cli.py: 3,584 LoRA parameters, 1 step per round, ceiling 0.0180):
+#   round 1 0.0115 (only lora_B moves: 3e-4 x sqrt(1,536)), round 2 0.0171-0.0175, i.e. 97% of
+#   the ceiling: a one-step round moves nearly every coordinate by learning_rate;
+# - embedded SmolLM2, default config (921,600 parameters, 4 steps, ceiling 1.15; 6 with a
+#   3-prompt shard, 1.73): root-mean-square client update 0.60 in round 1, 0.69 in round 2 (from
+#   a 4-client run's global updates and adapter_distance: mean |u_c|^2 = |mean u|^2 + mean
+#   |u_c - mean u|^2), 52-60% of the ceiling.
+# Twice the ceiling leaves room for AdamW's weight decay and Adam's occasional per-coordinate step
+# above learning_rate, while a hostile reply (x10^6, or any update many times an honest one) fails.
+AUTO_UPDATE_BOUND_FACTOR = 2.0
+
+
+def update_bound(config: FirmConfig, num_parameters: int) -> float:
+    """The largest accepted L2 distance of a client adapter from the global adapter."""
+    if config.max_update_norm > 0:
+        return config.max_update_norm
+    return AUTO_UPDATE_BOUND_FACTOR * honest_step_ceiling(config, num_parameters)
 
 
 def arrayrecord_bytes(record: ArrayRecord) -> int:
@@ -192,6 +224,7 @@ class _Round:
 
     sampled: list[int] = field(default_factory=list)
     bytes_down: int = 0
+    update_bound: float = math.inf  # the largest accepted update norm, set once per round
     # The instructions sent: the Grid gives each its message id when it pushes it, which is how
     # an error the SuperLink sends on a node's behalf (src_node_id = the SuperLink's own id, e.g.
     # "Node Unavailable" for a node that stopped sending heartbeats) is traced to that node.
@@ -248,7 +281,9 @@ class FirmFedAvg(FedAvg):
             sampled = sorted(random.Random(firm_round).sample(connected, self.config.num_clients))
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = list(self._construct_messages(record, sampled, MessageType.TRAIN))
-        self._round = _Round(sampled=sampled, bytes_down=arrayrecord_bytes(arrays), sent=messages)
+        num_parameters = sum(int(np.prod(a.shape)) for a in arrays.values())
+        self._round = _Round(sampled=sampled, bytes_down=arrayrecord_bytes(arrays), sent=messages,
+                             update_bound=update_bound(self.config, num_parameters))
         return messages
 
     # ---- the expected reply -------------------------------------------------------------------
@@ -265,9 +300,6 @@ class FirmFedAvg(FedAvg):
         """The L2 distance of each adapter in an upload from the global adapter."""
         return [l2_distance(upload, self.global_arrays())]
 
-    def update_bound(self) -> float:
-        return update_bound(self.config, sum(int(np.prod(a.shape)) for a in self.global_arrays().values()))
-
     def review(self, msg: Message) -> tuple[str | None, list[float]]:
         """(why the reply is rejected or None, its update norms). Never raises."""
         try:
@@ -276,7 +308,7 @@ class FirmFedAvg(FedAvg):
                 return reason, []
             record = next(iter(msg.content.array_records.values()))
             norms = self.update_norms({k: v.numpy() for k, v in record.items()})
-            bound = self.update_bound()
+            bound = self._round.update_bound
             if max(norms) > bound:
                 return f"update norm {max(norms):.4g} exceeds the bound {bound:.4g} (max_update_norm)", norms
             return None, norms
@@ -373,7 +405,7 @@ class FirmFedAvg(FedAvg):
             **lambda_stats,
             "adapter_distance": float(np.mean(distances)),
             "update_norm": float(np.mean([c["update_norm"] for c in client_records])),
-            "update_bound": self.update_bound(),
+            "update_bound": self._round.update_bound,
             "skipped_steps": int(sum(c["skipped_steps"] for c in client_records)),
             "bytes_down_per_client": self._round.bytes_down,
             "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in client_records])),
@@ -382,7 +414,7 @@ class FirmFedAvg(FedAvg):
         return arrays, MetricRecord({"clients": len(valid), "kl": round_record["kl"]})
 
 
-# ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda) ---------------------
+# ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda.server) ---------------------
 class FsmgdaFedAvg(FirmFedAvg):
     """Each client uploads M adapters (one local update per objective) packed in one
     ArrayRecord; the server aggregates them per objective, solves the min-norm problem on the

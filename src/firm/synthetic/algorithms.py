@@ -4,7 +4,7 @@ The weights come from the code the LLM pipeline runs, nothing re-implemented bes
 firm and mgda call ``firm.mgda.solve_weights(gram, beta, p)`` on each client's Gram matrix at
 every local step (mgda with beta = 0, as ``Algorithm.solver_beta`` says); linear uses the fixed
 preference p (``Algorithm.fixed_weights``); fsmgda's clients run one pass per objective and the
-server steps with ``firm.fsmgda.fsmgda_combine`` (``Algorithm.per_objective_upload``).
+server steps with ``firm.fsmgda.server.fsmgda_combine`` (``Algorithm.per_objective_upload``).
 After each round the server averages the clients' parameters (FedAvg).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from firm.config import ALGORITHMS
-from firm.fsmgda import fsmgda_combine
+from firm.fsmgda.server import fsmgda_combine
 from firm.mgda import solve_weights
 from firm.synthetic.config import SyntheticConfig
 from firm.synthetic.problem import Problem

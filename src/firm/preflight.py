@@ -1,6 +1,9 @@
-"""Cheap checks of the files a run or an evaluation will load, made before any model loads,
-Flower starts or anything is written: each reads a small file (a JSON config, a safetensors
-header) and raises a FirmError that names the file when it cannot be used."""
+"""Pre-flight: every check made before a model loads, Flower starts or anything is written.
+
+Each reads something small (a JSON config, a safetensors header, the policy's config, the
+prompt file) and raises a FirmError that names the input when it cannot be used. ``preflight``
+is `firm train`'s whole set; `firm eval` and `firm reward` call the checks they need.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from firm.config import ConfigError
+from firm.config import ConfigError, FirmConfig
 from firm.errors import FirmError
-from firm.models import resolve_policy_path
+from firm.models import EMBEDDED_POLICY, ModelLoadError, embedded_gguf_path, resolve_device, resolve_policy_path
+from firm.partition import partition_prompts, split_evaluation
+from firm.prompts import load_prompts
 from firm.rewards import HF_CONFIG_FILE, parse_reward_spec
 from firm.rewards.descriptor import DESCRIPTOR_FILE, read_descriptor
 from firm.rewards.errors import RewardSpecError
@@ -84,3 +90,46 @@ def check_context(policy: str, max_prompt_tokens: int, max_new_tokens: int) -> N
     if limit and max_prompt_tokens + max_new_tokens > limit:
         raise ConfigError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} "
                           f"exceeds the policy's context of {limit} tokens")
+
+
+def check_policy(name_or_path: str) -> None:
+    """Cheap early check that a policy spec can be loaded (its config, not its weights)."""
+    if name_or_path == EMBEDDED_POLICY:
+        embedded_gguf_path()
+        return
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load policy {name_or_path!r}: {str(err).splitlines()[0]}. "
+            "Pass a local model directory, or use 'embedded' (SmolLM2-135M-Instruct, offline)."
+        ) from err
+
+
+def preflight(config: FirmConfig) -> None:
+    """Fail before starting Flower (and before creating the run directory) on inputs that
+    would otherwise only fail inside a client: prompts, partition, reward specs, policy and
+    its LoRA targets and context length, device."""
+    train, _ = split_evaluation(load_prompts(config.prompts), config.eval_fraction)
+    partition_prompts(train, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
+                      seed=config.partition_seed)
+    for spec in config.reward_specs():
+        check_reward_spec(spec)
+    check_policy(config.policy)
+    check_policy_settings(config)
+    resolve_device(config.device)
+
+
+def check_policy_settings(config: FirmConfig) -> None:
+    """The LoRA target modules exist in the policy, and prompt + response fit its context. Reads
+    the policy's config and builds its module tree on the meta device (no weights)."""
+    check_context(config.policy, config.max_prompt_tokens, config.max_new_tokens)
+    model_config = AutoConfig.from_pretrained(resolve_policy_path(config.policy))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    missing = [name for name in config.target_modules() if name not in linear]
+    if missing:
+        raise ConfigError(f"lora_target_modules {', '.join(missing)} not found in the policy; its linear layers are: "
+                          f"{', '.join(linear)}")
