@@ -3,8 +3,8 @@
 # back on this machine (a before/after pair is only comparable when run like this: the host's
 # speed drifts from hour to hour). Each argument is LABEL=SRC_DIR [extra train flags]:
 #
-#   git worktree add /tmp/before face29d
-#   scripts/time_train.sh after=src before=/tmp/before/src 'last-hidden=src --gram last-hidden'
+#   git worktree add ../firm-before face29d
+#   scripts/time_train.sh after=src before=../firm-before/src 'last-hidden=src --gram last-hidden'
 #
 # Prints one line per run (exit code, whole-process seconds, firm's own wall time, load average)
 # and keeps the run directories and logs in a temporary folder.

@@ -9,7 +9,7 @@ response] states of several blocks, plus lengths and prompt groups. The held-out
 read. Work is saved in chunks, so an interrupted run resumes.
 
     python studies/cache_trunk_features.py --data ../shared/data/alpaca-eval/gpt4-pairs-a.jsonl.gz \
-        --out /work/cache-rw14/helpful
+        --out CACHE/helpful
 """
 
 from __future__ import annotations

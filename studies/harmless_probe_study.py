@@ -9,7 +9,7 @@ about 0.01, as much as the candidates differ). The held-out part is only scored 
 ``--show-heldout``, and only to report the candidate that cross-validation picked.
 
     python studies/harmless_probe_study.py                         # about 6 min features + 8 min CV
-    python studies/harmless_probe_study.py --cache /tmp/harmless-states.npz --show-heldout
+    python studies/harmless_probe_study.py --cache harmless-states.npz --show-heldout
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ Selection rule, fixed before any number was seen: the targets are accuracy >= ma
 two targets is smallest (min of the two margins, largest) wins; the L2 of each candidate is picked
 by the same rule.
 
-    python studies/length_control_study.py --cache /work/cache-rw14/helpful --target-accuracy 0.70
-    python studies/length_control_study.py --cache /work/cache-rw14/harmless --target-accuracy 0.66
+    python studies/length_control_study.py --cache CACHE/helpful --target-accuracy 0.70
+    python studies/length_control_study.py --cache CACHE/harmless --target-accuracy 0.66
     python studies/length_control_study.py --ngram ../shared/data/alpaca-eval/gpt4-pairs-a.jsonl.gz --l2 3e-4,1e-3
 """
 

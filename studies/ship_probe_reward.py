@@ -8,7 +8,7 @@ features for the training pairs and otherwise runs exactly ``firm reward fit``'s
 model itself, descriptor and card written). The cached rows must be the training pairs of the
 split in file order; their origins ("file:line") are checked.
 
-    python studies/ship_probe_reward.py --cache /work/cache-rw14/helpful --block 8 \\
+    python studies/ship_probe_reward.py --cache CACHE/helpful --block 8 \\
         --data ../shared/data/alpaca-eval/gpt4-pairs-a.jsonl.gz --out src/firm/data/reward_models/helpful \\
         --objective helpful --length-covariate --select-by length-controlled
 """

@@ -8,7 +8,7 @@ Layout::
     RUN_DIR/state.json                   last completed round (what --resume continues from)
     RUN_DIR/plots/*.png
 
-    RUN_DIR/clients/<partition-id>/      each simulated client's own state (firm.federation.client_app)
+    RUN_DIR/clients/<partition-id>/      each simulated client's own state (firm.federation.client_state)
 
 Every file but the metrics log is written atomically (temp file + fsync + os.replace), so an
 interrupted run never leaves a half-written adapter, config or state behind. The metrics log is
