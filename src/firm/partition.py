@@ -93,6 +93,13 @@ def partition_prompts(
     return [[prompts[i] for i in indices] for indices in _partition_indices(partitioner, num_partitions, alpha)]
 
 
+def training_shards(prompts: list[Prompt], eval_fraction: float, num_partitions: int, scheme: str, alpha: float,
+                    seed: int) -> list[list[Prompt]]:
+    """The clients' shards: the prompt set less its held-out evaluation split, partitioned."""
+    train, _ = split_evaluation(prompts, eval_fraction)
+    return partition_prompts(train, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
+
+
 def describe_partitions(parts: list[list[Prompt]]) -> list[dict]:
     """Size and per-group share of every partition, for the server's log.
 

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from firm.config import ConfigError, FirmConfig
 from firm.errors import FirmError
 from firm.models import EMBEDDED_POLICY, ModelLoadError, embedded_gguf_path, resolve_device, resolve_policy_path
-from firm.partition import partition_prompts, split_evaluation
+from firm.partition import training_shards
 from firm.prompts import load_prompts
 from firm.rewards import HF_CONFIG_FILE, parse_reward_spec
 from firm.rewards.descriptor import DESCRIPTOR_FILE, read_descriptor
@@ -110,9 +110,8 @@ def preflight(config: FirmConfig) -> None:
     """Fail before starting Flower (and before creating the run directory) on inputs that
     would otherwise only fail inside a client: prompts, partition, reward specs, policy and
     its LoRA targets and context length, device."""
-    train, _ = split_evaluation(load_prompts(config.prompts), config.eval_fraction)
-    partition_prompts(train, config.num_clients, scheme=config.partition, alpha=config.dirichlet_alpha,
-                      seed=config.partition_seed)
+    training_shards(load_prompts(config.prompts), config.eval_fraction, config.num_clients, config.partition,
+                    config.dirichlet_alpha, config.partition_seed)
     for spec in config.reward_specs():
         check_reward_spec(spec)
     check_policy(config.policy)

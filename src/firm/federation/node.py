@@ -14,15 +14,14 @@ from functools import lru_cache
 from firm.config import FirmConfig
 from firm.errors import FirmError
 from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROMPTS_KEY, NODE_SAMPLES_KEY
-from firm.partition import partition_prompts, split_evaluation
+from firm.partition import training_shards
 from firm.prompts import load_prompts
 
 
 @lru_cache(maxsize=4)
 def cached_shards(source: str, eval_fraction: float, num_partitions: int, scheme: str, alpha: float, seed: int):
-    """The training shards: the prompt source less its held-out evaluation split, partitioned."""
-    train, _ = split_evaluation(load_prompts(source), eval_fraction)
-    return partition_prompts(train, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
+    """The training shards of a prompt source, loaded once per worker process."""
+    return training_shards(load_prompts(source), eval_fraction, num_partitions, scheme, alpha, seed)
 
 
 class NodePolicyError(FirmError, ValueError):
