@@ -16,7 +16,8 @@ STALE = "stale: regenerate with `python scripts/generate_config_files.py`"
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("generate_config_files", ROOT / "scripts" / "generate_config_files.py")
+    path = ROOT / "scripts" / "generate_config_files.py"
+    spec = importlib.util.spec_from_file_location("generate_config_files", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

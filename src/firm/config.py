@@ -383,5 +383,5 @@ def build_config(preset: str = "default", overrides: dict[str, Any] | None = Non
     return FirmConfig.from_dict(values).validate()
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config",
-           "coerce"]
+__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS",
+           "build_config", "coerce"]

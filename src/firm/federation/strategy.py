@@ -414,7 +414,7 @@ class FirmFedAvg(FedAvg):
         return arrays, MetricRecord({"clients": len(valid), "kl": round_record["kl"]})
 
 
-# ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda.server) ---------------------
+# ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda.server) --------------
 class FsmgdaFedAvg(FirmFedAvg):
     """Each client uploads M adapters (one local update per objective) packed in one
     ArrayRecord; the server aggregates them per objective, solves the min-norm problem on the
