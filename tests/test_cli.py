@@ -190,6 +190,29 @@ def test_eval_scores_an_adapter(finished_run, tiny_policy_dir, tmp_path, capsys)
     assert tiny_policy_dir in result["model"]  # the base model came from the run's config
 
 
+def test_train_ends_with_a_paired_heldout_before_after(finished_run, capsys):
+    record = json.loads((finished_run / "heldout.json").read_text())
+    assert record["adapter"].endswith("round-002")
+    assert record["num_prompts"] == 16 and record["samples_per_prompt"] == 2
+    for name in ("relevance", "civility"):
+        gain = record["gains"][name]
+        assert gain["pairs"] == 32 and gain["prompts"] == 16
+        assert gain["ci_low"] <= gain["gain"] <= gain["ci_high"]
+        assert gain["base"] == pytest.approx(record["base"]["rewards"][name])
+        assert gain["adapter"] == pytest.approx(record["final"]["rewards"][name])
+    assert record["base"]["model"].endswith("(base)") and "round-002" in record["final"]["model"]
+    assert record["base"]["pairing"] == record["final"]["pairing"]
+    assert (finished_run / "plots" / "heldout.png").stat().st_size > 0
+
+
+def test_heldout_can_be_switched_off(tiny_policy_dir, tmp_path, capsys):
+    run_dir = tmp_path / "no-heldout"
+    assert main(["train", "--policy", tiny_policy_dir, "--run-dir", str(run_dir), *TINY, "--num-rounds", "1",
+                 "--heldout-prompts", "0"]) == 0
+    assert not (run_dir / "heldout.json").exists()
+    assert "held-out" not in capsys.readouterr().out
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args, message",

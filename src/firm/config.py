@@ -207,6 +207,10 @@ class FirmConfig:
     """prompt/response pairs each client sends per round into metrics.jsonl (off: prompts are private)"""
     report_to: str = "none"
     """where curves go besides metrics.jsonl: none or tensorboard (RUN_DIR/tensorboard)"""
+    heldout_prompts: int = 16
+    """`firm train` ends by scoring the untrained policy and the final adapter on this many held-out prompts (RUN_DIR/heldout.json, the paired gain with its interval; 0 = skip)"""
+    heldout_samples: int = 2
+    """responses sampled per held-out prompt for that before/after comparison"""
 
     # ---------------------------------------------------------------------------------------
     def reward_specs(self) -> list[str]:
@@ -252,6 +256,8 @@ class FirmConfig:
         for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
                      "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens", "kl_horizon"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.heldout_prompts >= 0, f"heldout_prompts must be >= 0, got {self.heldout_prompts}")
+        need(self.heldout_samples >= 1, f"heldout_samples must be >= 1, got {self.heldout_samples}")
         need(self.num_minibatches <= self.rollout_batch_size,
              f"num_minibatches ({self.num_minibatches}) cannot exceed rollout_batch_size ({self.rollout_batch_size})")
         for name in ("beta", "kl_coef", "learning_rate", "temperature", "max_grad_norm", "clip_range",

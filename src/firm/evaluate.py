@@ -161,6 +161,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     return {
         "model": f"{policy} + {cfg.adapter}" if cfg.adapter else f"{policy} (base)",
         "split": cfg.split,
+        "pairing": pairing_key(cfg, policy),
         "num_prompts": len(prompt_set) // cfg.samples_per_prompt,
         "samples_per_prompt": cfg.samples_per_prompt,
         "rewards": {m.name: float(all_scores[:, i].mean()) for i, m in enumerate(reward_models)},
@@ -168,4 +169,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         "kl": float(torch.cat(kls).double().mean()),
         "response_tokens": float(torch.cat(lengths).double().mean()),
         "samples": samples,
+        # one row per sampled response, in prompt order (samples_per_prompt rows per prompt):
+        # what a paired comparison against another adapter on the same prompts needs
+        "per_response": {
+            "prompt_index": [i // cfg.samples_per_prompt for i in range(len(prompt_set))],
+            "rewards": all_scores.tolist(),
+            "kl": torch.cat(kls).double().tolist(),
+        },
     }
+
+
+def pairing_key(cfg: EvalConfig, policy: str) -> dict:
+    """What must be equal for two evaluations to be paired response by response: the same
+    prompts in the same order, the same number of samples, the same sampling settings and seed,
+    the same base model and rewards."""
+    return {"policy": policy, "prompts": cfg.prompts, "split": cfg.split, "eval_fraction": cfg.eval_fraction,
+            "rewards": cfg.rewards, "num_prompts": cfg.num_prompts, "samples_per_prompt": cfg.samples_per_prompt,
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}

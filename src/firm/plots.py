@@ -123,6 +123,28 @@ def plot_run(run: RunDir) -> list[Path]:
     return paths
 
 
+def plot_heldout(gains: dict[str, dict[str, float]], num_prompts: int, samples: int, path: Path) -> Path:
+    """Held-out reward per objective, untrained policy beside the final adapter, with the paired
+    gain and its 95% interval written above each pair (firm.heldout)."""
+    names = list(gains)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.8 * len(names), 3.6))
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.18, [gains[n]["base"] for n in names], width=0.36, label="untrained policy", color="tab:gray")
+    ax.bar(xs + 0.18, [gains[n]["adapter"] for n in names], width=0.36, label="final adapter", color="tab:blue")
+    top = max(max(gains[n]["base"], gains[n]["adapter"]) for n in names)
+    for x, n in zip(xs, names):
+        g = gains[n]
+        ax.annotate(f"{g['gain']:+.3f}\n[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", (x, top), ha="center",
+                    va="bottom", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("mean reward (held-out)")
+    ax.set_title(f"held-out: {num_prompts} prompts x {samples} samples, paired gain [95% CI]", fontsize=9)
+    ax.margins(y=0.35)
+    ax.legend(fontsize=8, loc="lower right")
+    return save_figure(fig, path, dpi=110)
+
+
 # ---- experiments ----------------------------------------------------------------------------
 def mean_std_curves(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
     array = np.asarray(curves, dtype=np.float64)

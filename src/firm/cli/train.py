@@ -133,7 +133,25 @@ def train_command(args: argparse.Namespace) -> int:
     if state["completed_rounds"] < config.num_rounds:
         print(stop_message(state, config.num_rounds, run.path), file=sys.stderr)
         return 1
+    if config.heldout_prompts:
+        print_heldout(run, config)
     return 0
+
+
+def print_heldout(run: RunDir, config: FirmConfig) -> None:
+    """The run's last line: held-out reward of the untrained policy against the final adapter,
+    paired, with the gain's 95% interval (firm.heldout); also RUN_DIR/heldout.json and a plot."""
+    from firm.heldout import format_gains, heldout_before_after
+    from firm.plots import plot_heldout
+
+    start = time.perf_counter()
+    record = heldout_before_after(run.path, run.last_adapter(), config.heldout_prompts, config.heldout_samples)
+    run.plots_dir.mkdir(parents=True, exist_ok=True)
+    plot_heldout(record["gains"], record["num_prompts"], config.heldout_samples, run.plots_dir / "heldout.png")
+    Console(width=max(Console().width, 110)).print(
+        f"held-out before/after ({record['num_prompts']} prompts x {config.heldout_samples} samples, untrained policy "
+        f"-> final adapter, gain [95% CI]): {format_gains(record['gains'])}; KL {record['kl']:.3f} "
+        f"({time.perf_counter() - start:.0f} s; {run.path / 'heldout.json'})", highlight=False, soft_wrap=True)
 
 
 def stop_message(state: dict, num_rounds: int, run_path: Path) -> str:
