@@ -69,6 +69,25 @@ def paired_gain(base: dict[str, Any], tuned: dict[str, Any], level: float = 0.95
     return gains
 
 
+def pooled_gain(base: dict[str, Any], evaluations: Sequence[dict[str, Any]], level: float = 0.95,
+                resamples: int = 10_000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """One algorithm's gain over the untrained policy across its seeds: per prompt, the paired
+    gain averaged over samples and seeds; the interval resamples prompts. Every evaluation must be
+    paired with ``base`` (same prompts, samples and seed)."""
+    for evaluation in evaluations:
+        check_paired(base, evaluation)
+    index = base["per_response"]["prompt_index"]
+    base_scores = np.asarray(base["per_response"]["rewards"], dtype=np.float64)
+    gains = {}
+    for m, name in enumerate(base["rewards"]):
+        per_prompt = np.mean([prompt_means(np.asarray(e["per_response"]["rewards"], dtype=np.float64)[:, m]
+                                           - base_scores[:, m], index) for e in evaluations], axis=0)
+        low, high = bootstrap_interval(per_prompt, level=level, resamples=resamples, seed=seed)
+        gains[name] = {"gain": float(per_prompt.mean()), "ci_low": low, "ci_high": high,
+                       "prompts": int(per_prompt.size), "seeds": len(evaluations)}
+    return gains
+
+
 def gain_excludes_zero(gain: dict[str, float]) -> bool:
     return gain["ci_low"] > 0 or gain["ci_high"] < 0
 
@@ -105,4 +124,4 @@ def heldout_before_after(run_path: Path, adapter: Path, num_prompts: int, sample
 
 
 __all__ = ["HELDOUT_FILE", "check_paired", "format_gains", "gain_excludes_zero", "heldout_before_after",
-           "paired_gain", "prompt_means"]
+           "paired_gain", "pooled_gain", "prompt_means"]

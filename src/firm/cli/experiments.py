@@ -38,6 +38,11 @@ def add_parser(subparsers) -> None:
     compare.add_argument("--betas", default="",
                          help="comma-separated beta values; each beta-dependent algorithm (firm) runs at each, as "
                               "its own group, the first one the reference ('' = the beta of the train flags)")
+    compare.add_argument("--primary", default="",
+                         help="the comparisons named before the run, ';'-separated 'A vs B: METRIC' (groups as the "
+                              "table names them, e.g. 'firm (beta=1) vs mgda: lambda_drift; firm (beta=0.01) vs linear: "
+                              "hypervolume'); Holm's correction runs over these only, every other comparison is "
+                              "labelled exploratory ('' = every comparison of the table is one family)")
     add_common_options(compare)
     compare.set_defaults(handler=compare_command)
 
@@ -136,6 +141,25 @@ def parse_preferences(text: str, num_objectives: int) -> list[tuple[float, ...]]
     return vectors
 
 
+def parse_primary(text: str) -> tuple[tuple[str, str, str], ...]:
+    """'A vs B: METRIC; ...' -> ((A, B, METRIC), ...)."""
+    comparisons = []
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        pair, colon, metric = item.partition(":")
+        a, vs, b = pair.partition(" vs ")
+        if not colon or not vs or not a.strip() or not b.strip() or not metric.strip():
+            raise ExperimentError(f"--primary: {item.strip()!r} is not 'A vs B: METRIC'")
+        comparisons.append((a.strip(), b.strip(), metric.strip()))
+    if len(comparisons) > 4:
+        raise ExperimentError(f"--primary names {len(comparisons)} comparisons; at most 4 keep the correction "
+                              "meaningful (the rest are exploratory anyway)")
+    if len(set(comparisons)) != len(comparisons):
+        raise ExperimentError(f"--primary names a comparison twice: {text!r}")
+    return tuple(comparisons)
+
+
 def parse_reference_point(text: str, num_objectives: int) -> list[float] | None:
     if not text.strip():
         return None
@@ -191,7 +215,8 @@ def experiment_options(experiment: str, args: argparse.Namespace, seeds: list[in
                        reference_point: list[float] | None) -> ExperimentOptions:
     return ExperimentOptions(out=Path(args.out).resolve(), seeds=seeds, train=train, reference_point=reference_point,
                              eval_prompts=args.eval_prompts, eval_samples=args.eval_samples, dry_run=args.dry_run,
-                             command=canonical_command(experiment, args))
+                             command=canonical_command(experiment, args),
+                             primary=parse_primary(getattr(args, "primary", "")))
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -226,4 +251,4 @@ def pareto_command(args: argparse.Namespace) -> int:
 
 
 __all__ = ["add_parser", "compare_command", "pareto_command", "parse_betas", "parse_names", "parse_preferences",
-           "parse_reference_point", "parse_seeds", "parse_train_flags", "train_settings"]
+           "parse_primary", "parse_reference_point", "parse_seeds", "parse_train_flags", "train_settings"]
