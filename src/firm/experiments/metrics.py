@@ -8,9 +8,11 @@ num_rounds - 1 rounds. ``--eval-prompts N`` scores the adapter of the last round
 `firm eval` (the same N prompts and sampling seed for every run, so the comparison is paired)
 and uses that instead; both numbers are kept in results.json.
 
-Statistics across seeds are mean and sample standard deviation (ddof = 1). A difference
-between two algorithms counts only where it exceeds the spread: the intervals mean +- std
-of the two do not overlap.
+Statistics across seeds are mean and sample standard deviation (ddof = 1), for the tables.
+Differences between algorithms are not judged by these spreads: `firm compare` and `firm pareto`
+compare paired per-seed differences with firm.stats (paired bootstrap interval, Wilcoxon
+signed-rank with Holm's correction, TOST equivalence inside a margin: fixed in advance per
+metric for compare, 5 % of the baseline's mean for pareto's knob effect).
 
 The hypervolume reference point (unless ``--reference-point`` fixes one) is, per objective,
 the lowest reward that any round of any run of the experiment recorded, minus 1% of that
