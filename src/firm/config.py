@@ -192,7 +192,9 @@ class FirmConfig:
     aggregator: str = "fedavg"
     """how the server combines the accepted client adapters: fedavg (equal-weight mean), median or trimmed-mean (coordinate-wise, Flower's FedMedian / FedTrimmedAvg rules); see AGGREGATORS"""
     trim_fraction: float = 0.25
-    """trimmed-mean: fraction of the replies cut from each end, per coordinate (0.25 cuts 1 of 4 clients at each end)"""
+    """trimmed-mean: fraction of the replies that arrived cut from each end, per coordinate, at least one (0.25 cuts 1 of 4 clients at each end)"""
+    contribution_budget: float = 2.0
+    """defence against slow poisoning: each node's running sum of deviations from the others' median update may reach this multiple of the distance a random walk of the rounds' median deviations reaches; beyond it the node's update is pulled back to the others' median (firm.federation.defence); 0 = off"""
     max_update_norm: float = 0.0
     """reject a reply whose adapter lies farther than this (L2) from the global adapter; 0 = auto: 2 x the largest step an honest AdamW client can take (learning_rate x local steps x sqrt(LoRA parameters))"""
     min_clients: int = 1
@@ -280,14 +282,17 @@ class FirmConfig:
         need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
         need(len(self.target_modules()) >= 1, "lora_target_modules is empty")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
-        for name in ("trim_fraction", "max_update_norm", "round_timeout", "node_wait"):
+        for name in ("trim_fraction", "contribution_budget", "max_update_norm", "round_timeout", "node_wait"):
             value = getattr(self, name)
             need(math.isfinite(value), f"{name} must be finite, got {value}")
             need(value >= 0, f"{name} must be >= 0, got {value}")
         need(self.trim_fraction < 0.5, f"trim_fraction must be < 0.5, got {self.trim_fraction}")
-        need(self.aggregator != "trimmed-mean" or int(self.trim_fraction * self.num_clients) >= 1,
-             f"aggregator trimmed-mean with trim_fraction {self.trim_fraction} cuts no reply of {self.num_clients} "
-             "clients; raise trim_fraction or use fedavg")
+        need(self.aggregator != "trimmed-mean" or self.trim_fraction > 0,
+             "aggregator trimmed-mean with trim_fraction 0 is a plain mean; use fedavg or a trim_fraction > 0")
+        # A median or trimmed mean of one or two replies is their mean: a round must have a majority.
+        need(self.aggregator == "fedavg" or self.min_clients >= 3,
+             f"aggregator {self.aggregator} needs min_clients >= 3 (of fewer replies it is a plain mean), "
+             f"got {self.min_clients}")
         need(self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}")
         need(1 <= self.min_clients <= self.num_clients,
              f"min_clients must be between 1 and num_clients ({self.num_clients}), got {self.min_clients}")

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
 from firm.config import ConfigError, FirmConfig
+from firm.federation.defence import load_ledger, save_ledger
 from firm.federation.protocol import config_from_run_config, config_to_record
 from firm.federation.strategy import FederationError, RoundFailed, RoundResult, make_strategy
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
@@ -90,6 +91,8 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
         adapter = run.save_adapter(result.round, peft_model)
         result.round_record["adapter"] = str(adapter.relative_to(run.path))
         run.append_metrics(result.client_records + [result.round_record])
+        if result.ledger is not None:
+            save_ledger(run.path, result.round, result.ledger)
         run.write_state(result.round)
         plot_run(run)
         for reporter in reporters:
@@ -97,7 +100,8 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
         if on_round is not None:
             on_round(result)
 
-    strategy = make_strategy(config, on_round_end=on_round_end, round_offset=done)
+    strategy = make_strategy(config, on_round_end=on_round_end, round_offset=done,
+                             ledger=load_ledger(run.path, done, config.contribution_budget))
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(peft_model)), num_rounds=remaining,
                        timeout=config.round_timeout, train_config=config_to_record(config))
