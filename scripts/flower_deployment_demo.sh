@@ -190,6 +190,7 @@ fi
 
 # --- 6. NUM_NODES SuperNodes, each with its own partition of the prompts -----------------------
 # (--port is the SuperNode's own local API for its ClientApp processes: one free port each.
+#  allow-server-run-dir: these nodes share the server's host and keep their state in its run directory.
 #  A node can also train on a private file instead: --node-config 'prompts="/path/prompts.jsonl"')
 for ((i = 0; i < NUM_NODES; i++)); do
     node_port="$(free_port)"
@@ -198,7 +199,7 @@ for ((i = 0; i < NUM_NODES; i++)); do
     echo "Starting flower-supernode $i (partition-id=$i, log: $WORK/supernode-$i.log)"
     (cd "$WORK" && exec flower-supernode "${SUPERNODE_TLS[@]}" ${node_auth[@]+"${node_auth[@]}"} \
         --superlink "127.0.0.1:$SUPERLINK_PORT" --host 127.0.0.1 --port "$node_port" \
-        --node-config "partition-id=$i num-partitions=$NUM_NODES") > "$WORK/supernode-$i.log" 2>&1 &
+        --node-config "partition-id=$i num-partitions=$NUM_NODES allow-server-run-dir=true") > "$WORK/supernode-$i.log" 2>&1 &
     STARTED_PIDS+=($!)
 done
 

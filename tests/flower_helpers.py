@@ -344,7 +344,10 @@ def start_secure_supernode(link: SecureSuperLink, name: str, partition_id: int, 
     log = link.cwd / f"{name}.log"
     command = [str(SCRIPTS_DIR / "flower-supernode"), "--root-certificates", str(link.tls.ca_certfile),
                "--superlink", f"127.0.0.1:{link.port}", "--host", "127.0.0.1", "--port", str(free_port()),
-               "--node-config", f"partition-id={partition_id} num-partitions={num_partitions} {node_config}".strip()]
+               # the tests' own nodes on the server's host: they load the tiny policy the server names
+               # and keep their state in its run directory (firm.federation.node_policy)
+               "--node-config", f"partition-id={partition_id} num-partitions={num_partitions} allow-server-models=true "
+                                f"allow-server-run-dir=true {node_config}".strip()]
     if key is not None:
         command += ["--auth-supernode-private-key", str(key.private_key)]
     process = start_process(command, link.env, link.cwd, log)

@@ -228,7 +228,7 @@ def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):
 
     run = RunDir.create(tmp_path / "run", make_config())
     config = run.config()
-    directory = client_state_dir(config, {"partition-id": 1, "num-partitions": 2})
+    directory = client_state_dir(config, {"partition-id": 1, "num-partitions": 2, "allow-server-run-dir": "true"})
     assert directory == run.path / "clients" / "1"
     assert client_state_dir(config, {"partition-id": 1, "state-dir": str(tmp_path / "node")}) == tmp_path / "node"
     assert client_state_dir(FirmConfig(run_dir=str(tmp_path / "elsewhere")), {"partition-id": 1}) is None

@@ -43,6 +43,9 @@ from firm.errors import FirmError
 from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROMPTS_KEY, NODE_SAMPLES_KEY,
                                       NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
                                       check_metrics, config_from_record, reply_schema)
+from firm.federation.node_policy import (NODE_ALLOW_SERVER_RUN_DIR_KEY, NodePolicyError, check_server_models,
+                                         node_allows)
+from firm.federation.replies import SAMPLE_TEXT_CHARS
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (BFloat16Sampler, MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state,
                          load_policy, resolve_device)
@@ -77,10 +80,6 @@ def cached_shards(source: str, eval_fraction: float, num_partitions: int, scheme
     """The training shards: the prompt source less its held-out evaluation split, partitioned."""
     train, _ = split_evaluation(load_prompts(source), eval_fraction)
     return partition_prompts(train, num_partitions, scheme=scheme, alpha=alpha, seed=seed)
-
-
-class NodePolicyError(FirmError, ValueError):
-    """The server asked this node for something only the node may decide."""
 
 
 def is_local_path(source: str) -> bool:
@@ -138,10 +137,11 @@ def state_file(directory: Path, firm_round: int) -> Path:
 
 def client_state_dir(cfg: FirmConfig, node_config) -> Path | None:
     """Where this node keeps its state: its node config's state-dir, else the run directory's
-    clients/<partition-id>/ when the run directory is on this host; None: in memory only."""
+    clients/<partition-id>/ when the run directory is on this host and the node allows the server
+    to name it; None: in memory only."""
     if NODE_STATE_DIR_KEY in node_config:
         return Path(str(node_config[NODE_STATE_DIR_KEY]))
-    if cfg.run_dir and (Path(cfg.run_dir) / CONFIG_FILE).is_file():
+    if cfg.run_dir and node_allows(node_config, NODE_ALLOW_SERVER_RUN_DIR_KEY) and (Path(cfg.run_dir) / CONFIG_FILE).is_file():
         return RunDir(cfg.run_dir).client_dir(int(node_config.get("partition-id", 0)))
     return None
 
@@ -229,6 +229,7 @@ def save_state(context: Context, trainer: FirmLocalTrainer, directory: Path | No
 
 def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], context: Context, firm_round: int):
     """The whole client round, independent of messaging (tests call it directly)."""
+    check_server_models(cfg, context.node_config)
     policy, tokenizer = get_policy(cfg)
     load_adapter_state(policy, global_adapter)
     rewards = build_rewards(cfg.reward_specs(), device=str(policy.device))
@@ -257,7 +258,9 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     mismatch = check_metrics(reply_schema(cfg, [r.name for r in rewards]), metrics)
     if mismatch is not None:  # the server would reject this reply: a bug on this side, say it here
         raise RuntimeError(f"this client's reply does not fit the reply schema: {mismatch}")
-    return upload, metrics, stats.samples[: samples_allowed(cfg, context.node_config)]
+    # the server refuses longer texts: cut them here rather than lose the round's update
+    samples = [(p[:SAMPLE_TEXT_CHARS], r[:SAMPLE_TEXT_CHARS]) for p, r in stats.samples]
+    return upload, metrics, samples[: samples_allowed(cfg, context.node_config)]
 
 
 def train_reply(msg: Message, context: Context) -> Message:

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from firm.checks import check_context, check_reward_spec
 from firm.config import ConfigError, FirmConfig
 from firm.federation.client_app import make_client_app
+from firm.federation.node_policy import NODE_ALLOW_SERVER_MODELS_KEY, NODE_ALLOW_SERVER_RUN_DIR_KEY
 from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_SAMPLES_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
@@ -83,7 +84,8 @@ def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
     logger.addFilter(banner_filter)
     try:
         # `firm train` owns every simulated node, so its settings are also the nodes' own choices.
-        client_app = make_client_app({NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true"})
+        client_app = make_client_app({NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true",
+                                      NODE_ALLOW_SERVER_MODELS_KEY: "true", NODE_ALLOW_SERVER_RUN_DIR_KEY: "true"})
         flwr_run_simulation(server_app=make_server_app(str(run_path), on_round), client_app=client_app,
                             num_supernodes=config.num_clients,
                             backend_config=simulation_backend_config(config, os.cpu_count() or 1, verbose),
