@@ -64,3 +64,29 @@ def server_task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+# ---- `flwr run` with a bad run-config value: one line, a failed run, nothing written ----------------
+@pytest.mark.parametrize("key, value, message", [("num-rounds", 0, "num_rounds must be >= 1"),
+                                                 ("num-rounds", "two", "num_rounds expects a int, got 'two'"),
+                                                 ("seed", -1, "seed must be from 0 to 2^32 - 1")])
+def test_a_bad_run_config_value_under_flwr_run_ends_the_run_with_one_line(tmp_path, monkeypatch, key, value, message):
+    import firm.federation.server_app as server_app
+    from firm.federation.protocol import run_config_defaults
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code, text):
+        raise Exited(code, text)
+
+    monkeypatch.setattr(server_app, "flwr_exit", fake_exit)
+    monkeypatch.setenv(server_app.RUN_ROOT_ENV, str(tmp_path / "runs"))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={**run_config_defaults(), key: value, "run-dir": "r"})
+    with pytest.raises(Exited) as info:
+        server_app.main(grid=None, context=context)
+    code, text = info.value.args
+    assert code == 201  # Flower's ServerApp exception: the process exits 1, the run's status is failed
+    assert text.startswith("FIRM run refused: ") and message in text and "\n" not in text
+    assert not (tmp_path / "runs").exists()

@@ -267,6 +267,12 @@ class FirmConfig:
             value = getattr(self, name)
             need(math.isfinite(value), f"{name} must be finite, got {value}")
             need(value >= 0, f"{name} must be >= 0, got {value}")
+        for f in fields(self):  # a Flower ConfigRecord carries 64-bit integers; the seeds also seed numpy
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                need(abs(value) < 2 ** 63, f"{f.name} is out of range, got {value}")
+        for name in ("seed", "partition_seed"):
+            need(0 <= getattr(self, name) < 2 ** 32, f"{name} must be from 0 to 2^32 - 1, got {getattr(self, name)}")
         need(self.sample_responses >= 0, f"sample_responses must be >= 0 (0 = off), got {self.sample_responses}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
@@ -274,12 +280,14 @@ class FirmConfig:
         need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
-        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+        need(re.fullmatch(r"auto|cpu|cuda(:\d{1,6})?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(all(r.strip() in REPORTERS for r in self.report_to.split(",")),
              f"report_to must be one of {REPORTERS} (comma-separated), got {self.report_to!r}")
         specs = self.reward_specs()
         need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
+        repeated = sorted({s for s in specs if specs.count(s) > 1})
+        need(not repeated, f"rewards names {', '.join(repeated)} more than once; every objective must be its own")
         need(len(self.target_modules()) >= 1, "lora_target_modules is empty")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         for name in ("trim_fraction", "contribution_budget", "max_update_norm", "round_timeout", "node_wait"):
@@ -340,24 +348,34 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return None
         kind = kind.removesuffix("|None")
     try:
+        # A value of another JSON type is a mistake, not a value to convert: true is not 1 round,
+        # 5 is not a policy name (strings are converted: they are how flags arrive).
         if kind == "bool":
             if isinstance(value, str):
                 lowered = value.strip().lower()
                 if lowered not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return lowered in ("true", "1", "yes")
-            return bool(value)
+            if not isinstance(value, bool):
+                raise TypeError(value)
+            return value
         if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError(value)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
         if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError(value)
             return float(value)
         if kind == "tuple[float,...]":
             parts = value.split(",") if isinstance(value, str) else list(value)
             return tuple(float(x) for x in parts if str(x).strip())
-        return str(value)
-    except (TypeError, ValueError):
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{f.name} expects a {kind}, got {value!r}") from None
 
 
@@ -387,7 +405,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> FirmConfig:
+DEFAULT_PRESET = "default"
+
+
+def build_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> FirmConfig:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **(overrides or {})}
@@ -451,5 +472,5 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "field_docs", "coerce",
+__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "DEFAULT_PRESET", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS", "build_config", "field_docs", "coerce",
            "config_reference_markdown"]

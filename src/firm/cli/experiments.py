@@ -15,7 +15,7 @@ from typing import Sequence
 
 from firm.cli.flags import OneLineParser, UsageError, check_output_folder
 from firm.cli.train import add_train_arguments, config_overrides
-from firm.config import ALGORITHMS, PARTITIONS
+from firm.config import ALGORITHMS, DEFAULT_PRESET, PARTITIONS
 from firm.experiments import (HARNESS_FLAGS_COMPARE, HARNESS_FLAGS_PARETO, MIN_SEEDS_FOR_CLAIMS, ExperimentError,
                               ExperimentOptions, TrainSettings, default_preferences, expected_config, run_compare,
                               run_pareto)
@@ -196,7 +196,7 @@ def parse_train_flags(flags: Sequence[str], owned: Sequence[str]) -> argparse.Na
 def train_settings(flags: Sequence[str], owned: Sequence[str]) -> TrainSettings:
     """The flags after `--` as the harness uses them: preset, settings overridden, the flags."""
     namespace = parse_train_flags(flags, owned)
-    return TrainSettings(namespace.preset, config_overrides(namespace), tuple(flags))
+    return TrainSettings(namespace.preset or DEFAULT_PRESET, config_overrides(namespace), tuple(flags))
 
 
 def num_objectives(train: TrainSettings) -> int:

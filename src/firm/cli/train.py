@@ -19,8 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 from rich.table import Table
 
 from firm.cli.flags import add_dataclass_flags, dataclass_overrides
-from firm.config import PRESETS, ConfigError, FirmConfig, build_config
+from firm.config import DEFAULT_PRESET, PRESETS, ConfigError, FirmConfig, build_config
 from firm.federation.simulation import preflight, run_simulation
+from firm.run_checks import check_distinct_objectives, check_model_inputs, check_new_run, check_resumed_run
 from firm.rundir import RunDir, default_run_dir
 
 
@@ -33,7 +34,9 @@ def add_parser(subparsers) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `firm train` (the experiment harness parses its pass-through flags with them)."""
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named set of settings")
+    # None = not given: a resumed run refuses one (it keeps its settings); a new run takes DEFAULT_PRESET
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help=f"named set of settings (default: {DEFAULT_PRESET})")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed round")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -98,6 +101,9 @@ def print_summary(run_path: Path, wall_seconds: float) -> None:
 def train_command(args: argparse.Namespace) -> int:
     overrides = config_overrides(args)
     if args.resume:
+        if args.preset is not None:
+            raise ConfigError(f"a resumed run keeps its settings; --preset {args.preset} cannot be combined with "
+                              "--resume")
         run = RunDir.open(args.resume)
         config = run.config()
         extra = sorted(set(overrides) - {"num_rounds"})
@@ -106,17 +112,29 @@ def train_command(args: argparse.Namespace) -> int:
         if "num_rounds" in overrides:
             config.num_rounds = int(overrides["num_rounds"])
             config.validate()
+        # the same pre-flight as a fresh start, and config.json must still describe the saved run
+        check_model_inputs(config)
+        preflight(config)
+        check_resumed_run(run, config)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=2))
+            return 0
+        if "num_rounds" in overrides:
             run.save_config(config)
         if run.completed_rounds >= config.num_rounds:
             print(f"{run.path}: all {config.num_rounds} rounds are done; pass --num-rounds N to train further")
             return 0
     else:
-        config = build_config(args.preset, overrides)
+        preset = args.preset or DEFAULT_PRESET
+        config = build_config(preset, overrides)
+        run_dir = config.run_dir or default_run_dir(preset)
+        check_new_run(config, run_dir)
         preflight(config)
+        check_distinct_objectives(config)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
-        run = RunDir.create(config.run_dir or default_run_dir(args.preset), config)
+        run = RunDir.create(run_dir, config)
     done = run.completed_rounds
     print(f"FIRM: {config.num_clients} clients x {config.num_rounds} rounds ({config.algorithm}, beta "
           f"{config.effective_beta()}), policy {config.policy}, rewards {config.rewards}; run dir {run.path}"

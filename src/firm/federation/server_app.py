@@ -19,13 +19,17 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import ExitCode, flwr_exit
 from safetensors.torch import load_file
 
 from firm.config import ConfigError, FirmConfig
+from firm.errors import FirmError
 from firm.federation.defence import load_ledger, save_ledger
 from firm.federation.protocol import config_from_run_config, config_to_record
 from firm.federation.strategy import FederationError, RoundFailed, RoundResult, make_strategy
+from firm.federation.replies import clean_text
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
+from firm.run_checks import check_resumed_run
 from firm.plots import plot_run
 from firm.rundir import STATE_FILE, RunDir, default_run_dir
 from firm.tracking import make_reporters
@@ -36,6 +40,8 @@ RoundCallback = Callable[[RoundResult], None]
 # Under `flwr run` the run-dir comes from whoever submits the run; the SuperLink host's operator
 # confines it to one root directory (default: ./runs where the ServerApp process starts).
 RUN_ROOT_ENV = "FIRM_RUN_ROOT"
+# The longest refusal line a `flwr run` log shows.
+REFUSAL_CHARS = 500
 
 
 def confine_run_dir(requested: str, preset: str, root: Path) -> Path:
@@ -131,12 +137,24 @@ def make_server_app(run_dir: str, on_round: RoundCallback | None = None) -> Serv
     return server
 
 
+def refuse_run(err: FirmError) -> None:
+    """End a `flwr run` on a bad setting: one line and a failed run (non-zero exit, Flower's status
+    FAILED), without a traceback; nothing was written."""
+    flwr_exit(ExitCode.SERVERAPP_EXCEPTION, f"FIRM run refused: {clean_text(err, REFUSAL_CHARS)}")
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = run_dir_from_run_config(context)
+    try:
+        run = run_dir_from_run_config(context)
+        if run.completed_rounds > 0:  # a resubmitted run: config.json must still describe what it saved
+            check_resumed_run(run, run.config())
+    except FirmError as err:
+        refuse_run(err)
+        return
     # Under `flwr run` a relative run-dir resolves in the SuperLink's working directory: say where.
     log(INFO, "FIRM run directory: %s", run.path.resolve())
     try:
