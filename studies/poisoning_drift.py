@@ -13,6 +13,10 @@ script measures any version of the code (run it with that version first on PYTHO
 - Drift = <global after the last round - initial global, u> / bound.
 
     PYTHONPATH=src python studies/poisoning_drift.py [--rounds 20] [--shared 1] [--set KEY=VALUE] [--json out.json]
+
+``--before REV`` also measures the code of git revision REV (its src/ is extracted to a temporary
+folder and this script runs on it) and prints "before -> now"; the table in docs/deployment.md is
+``--before 4a4dc59`` (the code before the payload checks and the slow-poisoning defence).
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -125,20 +133,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a FirmConfig setting of the server, repeatable (e.g. contribution_budget=0)")
     parser.add_argument("--json", help="also write the table here as JSON")
+    parser.add_argument("--before", metavar="REV", help="also measure git revision REV and print before -> now")
     args = parser.parse_args(argv)
     settings = dict(item.split("=", 1) for item in args.set)
     logging.getLogger("flwr").setLevel(logging.ERROR)  # the silent node's timeouts, every round
     table = {name: {agg: simulate(agg, n, a, s, args.rounds, shared=args.shared, settings=settings,
                                      attack_norm=size) for agg in AGGREGATORS}
              for name, n, a, s, size in SCENARIOS}
-    print(f"drift along the attack after {args.rounds} rounds, in units of the update bound")
-    print(f"{'scenario':36s}" + "".join(f"{agg:>14s}" for agg in AGGREGATORS))
+    before = measure_revision(args.before, argv or sys.argv[1:]) if args.before else None
+    print(f"drift along the attack after {args.rounds} rounds, in units of the update bound"
+          + (f" ({args.before} -> this code)" if before else ""))
+    print(f"{'scenario':36s}" + "".join(f"{agg:>16s}" for agg in AGGREGATORS))
     for name, row in table.items():
-        print(f"{name:36s}" + "".join(f"{row[agg]:14.2f}" for agg in AGGREGATORS))
+        cells = [f"{before[name][agg]:.2f} -> {row[agg]:.2f}" if before else f"{row[agg]:.2f}" for agg in AGGREGATORS]
+        print(f"{name:36s}" + "".join(f"{cell:>16s}" for cell in cells))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rounds": args.rounds, "drift": table}, f, indent=2)
     return 0
+
+
+def measure_revision(revision: str, argv: list[str]) -> dict:
+    """This script's table for the code of git revision ``revision`` (its src/ on PYTHONPATH)."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(root), "archive", revision, "src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        out = Path(tmp) / "table.json"
+        rest = [a for i, a in enumerate(argv) if a != "--before" and (i == 0 or argv[i - 1] != "--before")
+                and not a.startswith("--before=")]
+        subprocess.run([sys.executable, __file__, *rest, "--json", str(out)], check=True, cwd=tmp,
+                       env={**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["drift"]
 
 
 if __name__ == "__main__":

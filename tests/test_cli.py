@@ -43,7 +43,7 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def assert_close(got, expected, where: str) -> None:
-    """Equal, numbers to float tolerance (recursing into lists and dicts)."""
+    """Equal, numbers bit for bit (recursing into lists and dicts)."""
     if isinstance(expected, dict):
         assert set(got) == set(expected), where
         for key in expected:
@@ -52,8 +52,6 @@ def assert_close(got, expected, where: str) -> None:
         assert isinstance(got, list) and len(got) == len(expected), where
         for i, (g, e) in enumerate(zip(got, expected)):
             assert_close(g, e, f"{where}[{i}]")
-    elif isinstance(expected, float):
-        assert math.isclose(got, expected, rel_tol=1e-5, abs_tol=1e-7), f"{where}: {got} != {expected}"
     else:
         assert got == expected, f"{where}: {got!r} != {expected!r}"
 
@@ -132,15 +130,19 @@ def test_resume_continues_exactly_as_a_run_that_never_stopped(finished_run, stra
     assert not (finished_run / "clients/0/round-003.safetensors").exists()
     assert (run_dir / "clients/0/round-003.safetensors").is_file()
 
-    # 2 rounds + resume for 1 = 3 rounds straight: every metric, and the final adapter.
+    # 2 rounds + resume for 1 = 3 rounds straight: every metric, and every adapter, bit for bit.
     resumed, straight = by_round_and_partition(records), by_round_and_partition(read_records(straight_run))
     assert set(resumed) == set(straight)
     for key, record in straight.items():
         assert_close(resumed[key], record, str(key))
-    final = load_file(str(run_dir / "adapters/round-003/adapter_model.safetensors"))
-    expected = load_file(str(straight_run / "adapters/round-003/adapter_model.safetensors"))
-    for name, tensor in expected.items():
-        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-7)
+    for adapter in ("round-000", "round-001", "round-002", "round-003"):
+        assert (run_dir / "adapters" / adapter / "adapter_model.safetensors").read_bytes() == (
+            straight_run / "adapters" / adapter / "adapter_model.safetensors").read_bytes(), adapter
+    for partition in ("0", "1"):  # and each client's state after round 3
+        final = load_file(str(run_dir / "clients" / partition / "round-003.safetensors"))
+        expected = load_file(str(straight_run / "clients" / partition / "round-003.safetensors"))
+        assert final.keys() == expected.keys()
+        assert all(torch.equal(final[k], expected[k]) for k in expected), partition
 
 
 def test_a_round_without_enough_replies_stops_cleanly_with_the_resume_command(finished_run, tmp_path, capsys):
@@ -298,3 +300,91 @@ def test_resume_rejects_changed_settings_and_missing_dirs(finished_run, tmp_path
 def test_eval_rejects_a_directory_that_is_not_an_adapter(tmp_path, capsys):
     assert main(["eval", "--adapter", str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+KILL_AT_STATE_WRITE = """
+import os, signal, sys
+from firm.rundir import RunDir
+write_state = RunDir.write_state
+def killed(self, completed_rounds, **extra):
+    if completed_rounds == {round}:  # round {round}'s adapter, metrics and ledger are written; its state is not
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_state(self, completed_rounds, **extra)
+RunDir.write_state = killed
+from firm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_the_servers_round_writes_resumes_bit_for_bit(straight_run, tiny_policy_dir, tmp_path):
+    """SIGKILL of `firm train` itself after round 3's adapter, metrics and ledger are written and before
+    state.json says so; the resumed run redoes round 3 and ends exactly as the run that never stopped."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    run_dir = tmp_path / "killed"
+    work = tmp_path / "work"  # the killed run's processes (Ray's included) work here, so they are found
+    work.mkdir()
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", KILL_AT_STATE_WRITE.replace("{round}", "3"), "train", "--policy",
+               tiny_policy_dir, "--run-dir", str(run_dir), *TINY, "--num-rounds", "3"]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, timeout=900)
+    try:
+        assert result.returncode == -9, result.stderr.decode()[-2000:]
+        assert json.loads((run_dir / "state.json").read_text())["completed_rounds"] == 2
+        assert (run_dir / "adapters/round-003").is_dir()  # written before the kill
+        assert any(r["round"] == 3 for r in read_records(run_dir))
+    finally:  # the killed run's Ray processes: ours (they work in our folder), ended by their ids
+        for proc in psutil.process_iter(["cwd"]):
+            if proc.info["cwd"] and proc.info["cwd"].startswith(str(work)):
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+    assert main(["train", "--resume", str(run_dir)]) == 0
+
+    records, straight = by_round_and_partition(read_records(run_dir)), by_round_and_partition(read_records(straight_run))
+    assert set(records) == set(straight)
+    for key, record in straight.items():
+        assert_close(records[key], record, str(key))
+    for adapter in ("round-000", "round-001", "round-002", "round-003"):
+        assert (run_dir / "adapters" / adapter / "adapter_model.safetensors").read_bytes() == (
+            straight_run / "adapters" / adapter / "adapter_model.safetensors").read_bytes(), adapter
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_r": 8}, "LoRA r is 8 but the run's adapter round-002 has 16"),
+    ({"lora_target_modules": "q_proj"}, "LoRA target_modules is ['q_proj'] but the run's adapter round-002 has"),
+    ({"rewards": "civility,relevance"}, "the objectives are ['civility', 'relevance'] but the run's rounds were "
+                                        "trained on ['relevance', 'civility']"),
+    ({"algorithm": "linear"}, "algorithm is 'linear' but the run's rounds were trained with 'firm'"),
+    ({"num_rounds": True}, "num_rounds expects a int, got True"),
+])
+def test_resume_refuses_a_config_json_that_no_longer_describes_the_run(finished_run, tmp_path, capsys, change,
+                                                                       message):
+    import shutil
+
+    run_dir = tmp_path / "edited"
+    shutil.copytree(finished_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, **change}))
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--num-rounds", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert snapshot(run_dir) == before
+
+
+def test_print_config_on_resume_prints_the_resumed_settings_and_writes_nothing(finished_run, capsys):
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(finished_run), "--num-rounds", "3", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_rounds"] == 3 and printed["rewards"] == "relevance,civility"
+    assert snapshot(finished_run) == before

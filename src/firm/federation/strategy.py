@@ -9,16 +9,21 @@ Built on Flower's FedAvg (its message construction and ``start`` loop); what it 
   that trains on its own prompt file.
 - Schema: the reply a client must send (tensor names, shapes and dtype of the global adapter;
   the metric keys and list lengths of firm.federation.protocol.reply_schema, from the server's
-  config) is fixed before any reply arrives. A reply that does not fit, has non-finite values,
-  impossible counts, or an update (L2 distance from the global adapter) above the bound is
-  rejected with its reason; checking a reply never raises.
+  config) is fixed before any reply arrives. A reply that does not fit (its tensors' real bytes
+  included: firm.federation.replies), has non-finite or out-of-bounds values, impossible counts,
+  or an update (L2 distance from the global adapter) above the bound is rejected with its reason;
+  checking a reply never raises. A node that replies twice in a round has none of its replies used.
+- Slow poisoning: each node's cumulative deviation from the others is capped
+  (``contribution_budget``, firm.federation.defence); a reply beyond its node's budget is left out.
 - Update bound: replies beyond it are rejected, not clipped. A reply that far from the global
   adapter is broken or hostile; clipping would still give its direction full weight every round
   and hide it, while rejection leaves the honest average untouched and names the node.
-- Aggregator: fedavg (equal-weight mean), median or trimmed-mean, coordinate-wise, with the
-  rules of Flower's FedMedian (``np.median`` over the stacked replies) and FedTrimmedAvg (its
-  ``trim_mean``). Flower's own aggregate_train methods are not called: they weight metrics by
-  ``num-examples`` and pop the arrays out of the replies.
+- Aggregator: fedavg (equal-weight mean), median or trimmed-mean, coordinate-wise: Flower
+  FedMedian's rule (``np.median`` over the stacked replies), and a trimmed mean that cuts at least
+  one reply at each end of those that arrived (Flower's ``trim_mean`` cuts none of 3). Flower's
+  own aggregate_train methods are not called: they weight metrics by ``num-examples`` and pop the
+  arrays out of the replies. Replies are combined in an order fixed by their content, not their
+  arrival, so a resumed run is bit for bit the run that never stopped.
 - Failures: nodes are sampled from those connected after a bounded wait (``node_wait``); a node
   that answers with an error or not within ``round_timeout`` is recorded with the reason; a round
   with fewer than ``min_clients`` usable replies raises ``RoundFailed`` carrying a record of who
@@ -29,6 +34,7 @@ Built on Flower's FedAvg (its message construction and ``start`` loop); what it 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -46,7 +52,8 @@ from flwr.serverapp.strategy import FedAvg
 from firm.config import FirmConfig
 from firm.federation.defence import ContributionLedger, trimmed_mean
 from firm.federation.protocol import ROUND_KEY, ReplySchema, check_metrics, check_samples, reply_schema, update_bound
-from firm.federation.replies import ESCAPE_SEQUENCE, REASON_CHARS, clean_text, decode, metrics_problem, payload_problem, texts_problem
+from firm.federation.replies import (ESCAPE_SEQUENCE, REASON_CHARS, clean_text, decode, metrics_problem,
+                                     payload_problem, texts_problem)
 from firm.fsmgda import fsmgda_combine, pack_objectives, split_objectives
 
 # The longest a node's failure reason may be in the one-line stop message (metrics.jsonl keeps it whole).
@@ -133,6 +140,14 @@ def aggregate_arrays(uploads: list[dict[str, np.ndarray]], aggregator: str, trim
             raise ValueError(f"unknown aggregator {aggregator!r}")
         combined[key] = np.asarray(value, dtype=dtype[key])
     return combined
+
+
+def upload_digest(upload: dict[str, np.ndarray]) -> bytes:
+    """A digest of an upload's tensors (names and bytes), independent of when it arrived."""
+    digest = hashlib.sha256()
+    for key in sorted(upload):
+        digest.update(key.encode() + b"\0" + np.ascontiguousarray(upload[key]).tobytes())
+    return digest.digest()
 
 
 def wait_for_nodes(grid: Grid, want: int, wait_s: float, sleep: Callable[[float], None] = time.sleep,
@@ -348,6 +363,10 @@ class FirmFedAvg(FedAvg):
             raise RoundFailed(f"round {firm_round}: {reason} ({detail})",
                               self.failed_round_record(firm_round, failed, rejected, reason))
 
+        # a canonical order (by content, not arrival) makes every float sum below, and so a resumed
+        # run, bit for bit the same as one that never stopped
+        order = sorted(range(len(valid)), key=lambda i: upload_digest(uploads[i]))
+        valid, uploads = [valid[i] for i in order], [uploads[i] for i in order]
         client_arrays = [next(iter(m.content.array_records.values())) for m, _ in valid]
         limits = self.ledger.limit([int(m.metadata.src_node_id) for m, _ in valid], self.flat_updates(uploads))
         limited = [upload for upload, limit in zip(uploads, limits) if limit.kept] if limits else uploads
