@@ -45,7 +45,7 @@ CLIENTS_DIR = "clients"
 ATTEMPT_RECORD_TYPES = ("round-failed",)
 # What a run writes inside its directory (folders: also their entries): none may be a symbolic link.
 RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, METRICS_FILE + TORN_SUFFIX, STATE_FILE, ADAPTERS_DIR, PLOTS_DIR,
-               CLIENTS_DIR, "server", "tensorboard")
+               CLIENTS_DIR, "server", "tensorboard", "heldout.json")
 
 
 def default_run_dir(preset: str) -> str:
