@@ -100,8 +100,11 @@ def test_flwr_run_on_local_simulation(tmp_path: Path, tiny_policy_dir: Path, pro
     write_flower_config(flwr_home, {"local": {"address": ":local:"}})
     # `flwr` starts the managed local SuperLink on these ports (defaults 39091/39093, shared by
     # everyone on the machine): free ones keep this test off other users' SuperLinks.
+    # a local simulation's nodes have no node config: their process environment gives the consents
+    # to load the tiny policy the server names and to keep their state in its run directory
     env = flower_env(flwr_home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                     FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+                     FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+                     FIRM_NODE_ALLOW="allow-server-models,allow-server-run-dir")
     superlink_log = flwr_home / "local-superlink" / "superlink.log"
 
     try:

@@ -31,6 +31,17 @@ def test_built_in_models_need_no_consent_and_every_other_model_does(tmp_path):
     check_server_models(named, {"allow-server-models": "true"})
 
 
+def test_the_node_process_environment_can_give_the_consent_and_the_node_config_overrides_it(monkeypatch):
+    named = config(policy="someone/model")
+    monkeypatch.setenv("FIRM_NODE_ALLOW", "allow-server-run-dir, allow-server-models")
+    check_server_models(named, {})
+    with pytest.raises(NodePolicyError):
+        check_server_models(named, {"allow-server-models": "false"})
+    monkeypatch.setenv("FIRM_NODE_ALLOW", "allow-server-run-dir")
+    with pytest.raises(NodePolicyError):
+        check_server_models(named, {})
+
+
 def test_a_node_refuses_a_server_named_policy_before_loading_anything(monkeypatch, server_task_identity):
     def forbidden(*args, **kwargs):
         raise AssertionError("the node loaded the model the server named")

@@ -9,7 +9,8 @@ atomically after the round (``round-NNN.safetensors``; it and the one before are
 back at the start of the next, so ``--resume`` continues it exactly, even after a crash in the
 middle of a round (round r always starts from the latest state saved before round r):
 - a node config ``state-dir=PATH`` (a deployed SuperNode: its own directory);
-- else RUN_DIR/clients/<partition-id>/ when the run directory is on this host (simulation);
+- else RUN_DIR/clients/<partition-id>/ when the run directory is on this host and the node
+  allows it (``allow-server-run-dir``; `firm train`'s simulated nodes do);
 - else Flower's in-memory ``context.state`` (lost when the node restarts).
 
 The node's shard: ``partition-id`` / ``num-partitions`` from the node config (set by the
@@ -17,8 +18,10 @@ simulation engine, or by ``flower-supernode --node-config``) select a partition 
 source; a node config ``prompts=PATH`` makes the node train on its own file instead.
 
 What only the node decides (its node config; the server cannot override it): which prompt file
-it trains on, whether it reads a local file the server names (``allow-server-paths``), and how
-many prompt/response samples it ever sends (``sample-responses``, default 0).
+it trains on, whether it reads a local file (``allow-server-paths``), loads a model
+(``allow-server-models``) or keeps its state in a run directory (``allow-server-run-dir``) that
+the server names (firm.federation.node_policy), and how many prompt/response samples it ever
+sends (``sample-responses``, default 0).
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def client_shard(cfg: FirmConfig, node_config: dict):
     file on it."""
     if NODE_PROMPTS_KEY in node_config:  # a deployed node with its own private prompt file
         return load_prompts(str(node_config[NODE_PROMPTS_KEY]))
-    if is_local_path(cfg.prompts) and not node_flag(node_config, NODE_ALLOW_SERVER_PATHS_KEY):
+    if is_local_path(cfg.prompts) and not node_allows(node_config, NODE_ALLOW_SERVER_PATHS_KEY):
         raise NodePolicyError(f"the server asks this node to read the local file {cfg.prompts!r}; a node trains on "
                               f"its own prompts (node config {NODE_PROMPTS_KEY}=PATH) or on 'embedded' / hf: "
                               f"sources unless its node config sets {NODE_ALLOW_SERVER_PATHS_KEY}=true")
@@ -101,10 +104,6 @@ def client_shard(cfg: FirmConfig, node_config: dict):
     num_partitions = int(node_config.get("num-partitions", cfg.num_clients))
     return cached_shards(cfg.prompts, cfg.eval_fraction, num_partitions, cfg.partition, cfg.dirichlet_alpha,
                          cfg.partition_seed)[partition_id]
-
-
-def node_flag(node_config, key: str) -> bool:
-    return str(node_config.get(key, "false")).strip().lower() in ("true", "1", "yes")
 
 
 def samples_allowed(cfg: FirmConfig, node_config) -> int:
@@ -141,7 +140,8 @@ def client_state_dir(cfg: FirmConfig, node_config) -> Path | None:
     to name it; None: in memory only."""
     if NODE_STATE_DIR_KEY in node_config:
         return Path(str(node_config[NODE_STATE_DIR_KEY]))
-    if cfg.run_dir and node_allows(node_config, NODE_ALLOW_SERVER_RUN_DIR_KEY) and (Path(cfg.run_dir) / CONFIG_FILE).is_file():
+    server_dir_allowed = node_allows(node_config, NODE_ALLOW_SERVER_RUN_DIR_KEY)
+    if cfg.run_dir and server_dir_allowed and (Path(cfg.run_dir) / CONFIG_FILE).is_file():
         return RunDir(cfg.run_dir).client_dir(int(node_config.get("partition-id", 0)))
     return None
 

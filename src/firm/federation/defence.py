@@ -20,7 +20,8 @@ A node that has used its budget can only add what the budget grows by (sqrt(roun
 it sends beyond is left out, round after round, so it cannot steer the run however long it
 pushes. Its replies are not rejected: honest nodes whose deviations happen to add up are left out
 for a round and come back as their random walk turns.
-Measured with studies/poisoning_drift.py (docs/deployment.md, "What this protects"). It needs a
+Measured with studies/poisoning_drift.py (docs/deployment.md, "One hostile node cannot stop or
+steer the run"). It needs a
 majority to compare with: rounds with fewer than MIN_REPLIES accepted replies are not limited.
 Its state (E_c and the sum of squared scales per node id) persists in the run directory, so a
 resumed run keeps every budget; node ids are a deployment's (Flower's simulation engine draws new
@@ -78,7 +79,8 @@ class ContributionLedger:
         when the defence is off or the round has too few replies to compare with); updates the ledger."""
         if self.factor <= 0 or len(updates) < MIN_REPLIES:
             return []
-        accounts = [self.accounts.get(node) or NodeAccount(np.zeros_like(update)) for node, update in zip(nodes, updates)]
+        accounts = [self.accounts.get(node) or NodeAccount(np.zeros_like(update))
+                    for node, update in zip(nodes, updates)]
         stacked = np.stack(updates)
         kept = [True] * len(updates)
         # A far update biases a median that counts it, and so every other node's deviation: compare
@@ -86,8 +88,9 @@ class ContributionLedger:
         for _ in range(SETTLING_PASSES):
             deviations = []
             for i, update in enumerate(updates):
-                others = [j for j in range(len(updates)) if j != i and kept[j]] or [j for j in range(len(updates)) if j != i]
-                deviations.append(update - np.median(stacked[others], axis=0))
+                others = [j for j in range(len(updates)) if j != i]
+                compared = [j for j in others if kept[j]] or others
+                deviations.append(update - np.median(stacked[compared], axis=0))
             scale = float(np.median([np.linalg.norm(d) for d in deviations]))
             budgets = [self.factor * math.sqrt(a.scale_sq + scale ** 2) for a in accounts]
             fits = [bool(np.linalg.norm(a.deviation + d) <= b) for a, d, b in zip(accounts, deviations, budgets)]
@@ -104,7 +107,8 @@ class ContributionLedger:
 
     # ---- persistence -----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        tensors = {f"{node}.deviation": account.deviation.astype(np.float32) for node, account in self.accounts.items()}
+        tensors = {f"{node}.deviation": account.deviation.astype(np.float32)
+                   for node, account in self.accounts.items()}
         tensors.update({f"{node}.scale_sq": np.array([account.scale_sq]) for node, account in self.accounts.items()})
         return save_safetensors(tensors, metadata={"format": LEDGER_FORMAT, "factor": repr(self.factor)})
 

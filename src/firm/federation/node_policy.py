@@ -10,10 +10,14 @@ under a directory, that the server names only when its own node config allows it
   exists on this host (else the node's own ``state-dir``, or memory).
 
 `firm train` owns every simulated node and sets all three; a deployed SuperNode sets what it trusts.
+Where a node's config cannot be set (`flwr run` on a local simulation), the environment of the
+process that starts the nodes can: ``FIRM_NODE_ALLOW=allow-server-models,allow-server-run-dir``
+(also node-side: a server cannot set it).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from firm.config import FirmConfig
@@ -22,6 +26,8 @@ from firm.models import EMBEDDED_POLICY
 
 NODE_ALLOW_SERVER_MODELS_KEY = "allow-server-models"
 NODE_ALLOW_SERVER_RUN_DIR_KEY = "allow-server-run-dir"
+# Node-side consents given by the environment of the node's process (comma-separated keys).
+NODE_ALLOW_ENV = "FIRM_NODE_ALLOW"
 BUILT_IN_REWARDS = ("relevance", "civility")
 EMBEDDED_REWARD_PREFIX = "embedded:"
 
@@ -31,7 +37,10 @@ class NodePolicyError(FirmError, ValueError):
 
 
 def node_allows(node_config: Mapping[str, Any], key: str) -> bool:
-    return str(node_config.get(key, "false")).strip().lower() in ("true", "1", "yes")
+    """The node's config, else its process environment (NODE_ALLOW_ENV), allows ``key``."""
+    if key in node_config:
+        return str(node_config[key]).strip().lower() in ("true", "1", "yes")
+    return key in {item.strip() for item in os.environ.get(NODE_ALLOW_ENV, "").split(",")}
 
 
 def is_built_in_reward(spec: str) -> bool:

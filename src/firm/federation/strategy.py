@@ -363,13 +363,12 @@ class FirmFedAvg(FedAvg):
             raise RoundFailed(f"round {firm_round}: {reason} ({detail})",
                               self.failed_round_record(firm_round, failed, rejected, reason))
 
-        # a canonical order (by content, not arrival) makes every float sum below, and so a resumed
-        # run, bit for bit the same as one that never stopped
-        order = sorted(range(len(valid)), key=lambda i: upload_digest(uploads[i]))
-        valid, uploads = [valid[i] for i in order], [uploads[i] for i in order]
+        # Records keep the arrival order; every float sum runs in an order fixed by the replies'
+        # content, so a resumed run is bit for bit the same as one that never stopped.
+        canonical = sorted(range(len(valid)), key=lambda i: upload_digest(uploads[i]))
         client_arrays = [next(iter(m.content.array_records.values())) for m, _ in valid]
         limits = self.ledger.limit([int(m.metadata.src_node_id) for m, _ in valid], self.flat_updates(uploads))
-        limited = [upload for upload, limit in zip(uploads, limits) if limit.kept] if limits else uploads
+        limited = [uploads[i] for i in canonical if not limits or limits[i].kept]
         dtypes = {k: np.dtype(spec[1]) for k, spec in self.expected_upload().items()}
         aggregate = aggregate_arrays(limited, self.config.aggregator, self.config.trim_fraction, dtypes)
         averaged = ArrayRecord({k: Array(v) for k, v in aggregate.items()})
@@ -401,7 +400,8 @@ class FirmFedAvg(FedAvg):
                 record["samples"] = [{"prompt": p, "response": r}
                                      for p, r in zip(samples["prompts"], samples["responses"])]
             client_records.append(record)
-        arrays, lambda_stats = self.combine(averaged, np.asarray(lambdas, dtype=np.float64))
+        arrays, lambda_stats = self.combine(averaged, np.asarray([lambdas[i] for i in canonical], dtype=np.float64))
+        ordered = [client_records[i] for i in canonical]
         round_record = {
             "type": "round",
             "round": firm_round,
@@ -411,16 +411,16 @@ class FirmFedAvg(FedAvg):
             "failed": [{"node_id": n, "reason": r} for n, r in failed],
             "rejected": [{"node_id": n, "reason": r} for n, r in rejected],
             "left_out": [limit.node for limit in limits if not limit.kept],
-            **{key: float(np.mean([c[key] for c in client_records]))
+            **{key: float(np.mean([c[key] for c in ordered]))
                for key in self.schema.metrics if key.startswith("reward/")},
-            "kl": float(np.mean([c["kl"] for c in client_records])),
+            "kl": float(np.mean([c["kl"] for c in ordered])),
             **lambda_stats,
-            "adapter_distance": float(np.mean(distances)),
-            "update_norm": float(np.mean([c["update_norm"] for c in client_records])),
+            "adapter_distance": float(np.mean([c["adapter_distance"] for c in ordered])),
+            "update_norm": float(np.mean([c["update_norm"] for c in ordered])),
             "update_bound": self.update_bound(),
-            "skipped_steps": int(sum(c["skipped_steps"] for c in client_records)),
+            "skipped_steps": int(sum(c["skipped_steps"] for c in ordered)),
             "bytes_down_per_client": self._round.bytes_down,
-            "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in client_records])),
+            "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in ordered])),
         }
         self.on_round_end(RoundResult(firm_round, arrays, client_records, round_record, self.ledger))
         return arrays, MetricRecord({"clients": len(valid), "kl": round_record["kl"]})
