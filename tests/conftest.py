@@ -30,3 +30,16 @@ def tiny_policy_dir(tmp_path_factory) -> str:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """wandb with no network and every file it writes under tmp_path. wandb reads its
+    environment once per process (its first run's settings stay), so every test that uses wandb
+    in this process asks for offline mode."""
+    for name in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR", "ARTIFACT_DIR"):
+        monkeypatch.setenv(f"WANDB_{name}", str(tmp_path / "wandb-home" / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return tmp_path / "wandb-home" / "dir"

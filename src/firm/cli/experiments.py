@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     """Register `compare` and `pareto` on the `firm` command's subparsers."""
     compare = subparsers.add_parser(
         "compare", help="run algorithms side by side on the same data, partitions and seeds; table + plots",
-        epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG)
     compare.add_argument("--out", required=True, help="experiment directory (runs/, table.md, results.json, plots)")
     compare.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithms")
     compare.add_argument("--partitions", default=",".join(PARTITIONS), help="comma-separated prompt partitions")
@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 
     pareto = subparsers.add_parser(
         "pareto", help="sweep preference vectors for firm and linear; front, hypervolume, rank correlation",
-        epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG)
     pareto.add_argument("--out", required=True, help="experiment directory (runs/, table.md, results.json, plots)")
     pareto.add_argument("--algorithms", default="firm,linear", help="comma-separated algorithms")
     pareto.add_argument("--preferences", default="",

@@ -25,8 +25,7 @@ from firm.rundir import RunDir, default_run_dir
 
 
 def add_parser(subparsers) -> None:
-    train = subparsers.add_parser("train", help="run federated FIRM training (Flower simulation engine)",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = subparsers.add_parser("train", help="run federated FIRM training (Flower simulation engine)")
     add_train_arguments(train)
     train.set_defaults(handler=train_command)
 

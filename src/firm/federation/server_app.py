@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from firm.config import ConfigError, FirmConfig
 from firm.federation.protocol import config_from_run_config, config_to_record
 from firm.federation.strategy import FederationError, RoundFailed, RoundResult, make_strategy
+from firm.model_card import finish_adapter
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
 from firm.plots import plot_run
 from firm.rundir import STATE_FILE, RunDir, default_run_dir
@@ -67,7 +68,7 @@ def initial_global_model(config: FirmConfig, run: RunDir):
     if last is not None:
         load_adapter_state(peft_model, load_file(str(last / "adapter_model.safetensors")))
     else:
-        run.save_adapter(0, peft_model)
+        run.save_adapter(0, peft_model, finish=lambda folder: finish_adapter(folder, config, 0))
     return peft_model
 
 
@@ -83,11 +84,16 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
     if remaining <= 0:
         return
     peft_model = initial_global_model(config, run)
-    reporters = make_reporters(config.report_to, run.path)
+    try:
+        reporters = make_reporters(config.report_to, run.path, config.to_dict())
+    except ConfigError as err:  # a tracker that cannot start (no wandb login): stop before round 1, say why
+        run.write_state(run.completed_rounds, error=str(err))
+        raise FederationError(str(err)) from None
 
     def on_round_end(result: RoundResult) -> None:
         load_adapter_state(peft_model, result.arrays.to_torch_state_dict())
-        adapter = run.save_adapter(result.round, peft_model)
+        adapter = run.save_adapter(result.round, peft_model, finish=lambda folder: finish_adapter(
+            folder, config, result.round, result.round_record))
         result.round_record["adapter"] = str(adapter.relative_to(run.path))
         run.append_metrics(result.client_records + [result.round_record])
         run.write_state(result.round)

@@ -30,6 +30,7 @@ from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
 from firm.partition import partition_prompts, split_evaluation
 from firm.prompts import load_prompts
+from firm.tracking import check_reporters
 
 
 def preflight(config: FirmConfig) -> None:
@@ -44,6 +45,7 @@ def preflight(config: FirmConfig) -> None:
     check_policy(config.policy)
     check_policy_settings(config)
     resolve_device(config.device)
+    check_reporters(config.report_to)
 
 
 def check_policy_settings(config: FirmConfig) -> None:
