@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from firm.api import config_file_values
 from firm.cli.flags import OneLineParser, UsageError, check_output_folder
 from firm.cli.train import add_train_arguments, config_overrides
 from firm.config import ALGORITHMS, PARTITIONS
@@ -196,7 +197,8 @@ def parse_train_flags(flags: Sequence[str], owned: Sequence[str]) -> argparse.Na
 def train_settings(flags: Sequence[str], owned: Sequence[str]) -> TrainSettings:
     """The flags after `--` as the harness uses them: preset, settings overridden, the flags."""
     namespace = parse_train_flags(flags, owned)
-    return TrainSettings(namespace.preset, config_overrides(namespace), tuple(flags))
+    from_file = config_file_values(namespace.config) if namespace.config else {}
+    return TrainSettings(namespace.preset or "default", {**from_file, **config_overrides(namespace)}, tuple(flags))
 
 
 def num_objectives(train: TrainSettings) -> int:

@@ -40,13 +40,15 @@ from safetensors.torch import save as save_safetensors
 
 from firm.config import FirmConfig
 from firm.errors import FirmError
-from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROMPTS_KEY, NODE_SAMPLES_KEY,
+from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS_DIR_KEY, NODE_PROMPTS_KEY,
+                                      NODE_SAMPLES_KEY,
                                       NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
                                       check_metrics, config_from_record, reply_schema)
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (BFloat16Sampler, MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state,
                          load_policy, resolve_device)
 from firm.partition import partition_prompts, split_evaluation
+from firm.progress import ClientProgressWriter, client_work
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
 from firm.rundir import CONFIG_FILE, RunDir, atomic_write_bytes
@@ -242,6 +244,9 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     restore_state(context, trainer, state_dir, firm_round)
     shard = client_shard(cfg, context.node_config)
     partition_id = int(context.node_config.get("partition-id", 0))
+    if NODE_PROGRESS_DIR_KEY in context.node_config:
+        trainer.progress = ClientProgressWriter(str(context.node_config[NODE_PROGRESS_DIR_KEY]), partition_id,
+                                                firm_round, *client_work(cfg, len(shard), len(rewards)))
     seed = round_seed(cfg.seed, partition_id, firm_round)
     torch.manual_seed(seed)  # generate() samples from torch's global generator
     if isinstance(trainer, FsmgdaLocalTrainer):  # one adapter per objective, packed into one record

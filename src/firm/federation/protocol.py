@@ -31,6 +31,9 @@ NODE_STATE_DIR_KEY = "state-dir"
 NODE_PROMPTS_KEY = "prompts"
 NODE_SAMPLES_KEY = "sample-responses"
 NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
+# Where a node reports its progress inside a round (firm.progress; set by `firm train` for its
+# own simulated nodes, whose display reads it).
+NODE_PROGRESS_DIR_KEY = "progress-dir"
 # Metrics every reply carries beside the per-objective rewards, as (key, kind): "scalar",
 # "objectives" (a list of M) or "pairs" (a list of M(M-1)/2). firm.trainer.summarize writes them;
 # the client app adds partition-id and kl_coef.

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from firm.checks import check_context, check_reward_spec
 from firm.config import ConfigError, FirmConfig
 from firm.federation.client_app import make_client_app
-from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_SAMPLES_KEY
+from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS_DIR_KEY, NODE_SAMPLES_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
 from firm.partition import partition_prompts, split_evaluation
@@ -78,14 +78,18 @@ class _DropDeprecationBanner(logging.Filter):
 
 
 def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
-                   on_round: RoundCallback | None = None) -> None:
-    """Run the Flower apps on Flower's simulation engine, one client at a time."""
+                   on_round: RoundCallback | None = None, client_progress: Path | None = None) -> None:
+    """Run the Flower apps on Flower's simulation engine, one client at a time. With
+    ``client_progress`` the clients report their steps inside a round there (firm.progress)."""
     banner_filter = _DropDeprecationBanner()
     logger = FLOWER_LOGGER
     logger.addFilter(banner_filter)
     try:
         # `firm train` owns every simulated node, so its settings are also the nodes' own choices.
-        client_app = make_client_app({NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true"})
+        node_defaults = {NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true"}
+        if client_progress is not None:
+            node_defaults[NODE_PROGRESS_DIR_KEY] = str(client_progress)
+        client_app = make_client_app(node_defaults)
         flwr_run_simulation(server_app=make_server_app(str(run_path), on_round), client_app=client_app,
                             num_supernodes=config.num_clients,
                             backend_config=simulation_backend_config(config, os.cpu_count() or 1, verbose),
