@@ -44,6 +44,7 @@ from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS
                                       NODE_SAMPLES_KEY,
                                       NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
                                       check_metrics, config_from_record, reply_schema)
+from firm.federation.flower_logs import quiet_library_warnings
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (BFloat16Sampler, MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state,
                          load_policy, resolve_device)
@@ -302,4 +303,5 @@ app = ClientApp()  # a deployed node: its node config alone decides (flower-supe
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    quiet_library_warnings()
     return train_reply(msg, context)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -91,7 +92,19 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FirmConfig:
             name = fields[key].name
             if value != getattr(defaults, name):
                 overrides[name] = value
-    return build_config(str(run_config.get(PRESET_KEY, "default")), overrides)
+    try:
+        return build_config(str(run_config.get(PRESET_KEY, "default")), overrides)
+    except ConfigError as err:
+        raise ConfigError(run_config_message(str(err))) from None
+
+
+def run_config_message(message: str) -> str:
+    """A settings error in the run config's own words: its keys are kebab-case (num-rounds, not
+    num_rounds)."""
+    for f in dataclasses.fields(FirmConfig):
+        if "_" in f.name:
+            message = re.sub(rf"\b{f.name}\b", run_config_key(f.name), message)
+    return f"run config: {message}"
 
 
 # ---- what a client reply must look like, from the server's config alone ------------------------

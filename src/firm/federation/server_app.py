@@ -22,12 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file
 
 from firm.config import ConfigError, FirmConfig
+from firm.federation.flower_logs import install_app_filters, quiet_library_warnings, short_config_record
 from firm.federation.protocol import config_from_run_config, config_to_record
 from firm.federation.strategy import FederationError, RoundFailed, RoundResult, make_strategy
 from firm.model_card import finish_adapter
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
 from firm.plots import plot_run
-from firm.rundir import STATE_FILE, RunDir, default_run_dir
+from firm.rundir import CONFIG_FILE, STATE_FILE, RunDir, default_run_dir
 from firm.tracking import make_reporters
 
 RoundCallback = Callable[[RoundResult], None]
@@ -104,9 +105,11 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
             on_round(result)
 
     strategy = make_strategy(config, on_round_end=on_round_end, round_offset=done)
+    train_config = config_to_record(config)
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(peft_model)), num_rounds=remaining,
-                       timeout=config.round_timeout, train_config=config_to_record(config))
+        with short_config_record(len(train_config), str(run.path.resolve() / CONFIG_FILE)):
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(peft_model)), num_rounds=remaining,
+                           timeout=config.round_timeout, train_config=train_config)
     except Exception as err:
         # Keep what was written; record who failed and why, and why the run stopped, so the CLI can say it.
         if isinstance(err, RoundFailed):
@@ -133,11 +136,13 @@ def make_server_app(run_dir: str, on_round: RoundCallback | None = None) -> Serv
     return server
 
 
+install_app_filters()
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quiet_library_warnings()
     run = run_dir_from_run_config(context)
     # Under `flwr run` a relative run-dir resolves in the SuperLink's working directory: say where.
     log(INFO, "FIRM run directory: %s", run.path.resolve())

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from firm.checks import check_context, check_reward_spec
 from firm.config import ConfigError, FirmConfig
 from firm.federation.client_app import make_client_app
+from firm.federation.flower_logs import SilencedNotices
 from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS_DIR_KEY, NODE_SAMPLES_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
@@ -72,16 +73,11 @@ def simulation_backend_config(config: FirmConfig, cpus: int, verbose: bool = Fal
             "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False, "log_to_driver": verbose}}
 
 
-class _DropDeprecationBanner(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
 def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
                    on_round: RoundCallback | None = None, client_progress: Path | None = None) -> None:
     """Run the Flower apps on Flower's simulation engine, one client at a time. With
     ``client_progress`` the clients report their steps inside a round there (firm.progress)."""
-    banner_filter = _DropDeprecationBanner()
+    banner_filter = SilencedNotices()
     logger = FLOWER_LOGGER
     logger.addFilter(banner_filter)
     try:
