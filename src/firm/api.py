@@ -116,20 +116,51 @@ def open_resumed_run(path: str | Path, overrides: Mapping[str, Any] | None = Non
     return run, config
 
 
+def check_client_preferences(preferences: Mapping[int, Any] | None, config: FirmConfig) -> dict[int, str]:
+    """Simulated nodes' own preferences by partition id, checked against the run's settings (each
+    is what a deployed node would put in its node config)."""
+    from firm.federation.node_preference import NODE_PREFERENCE_KEY, config_for_node
+
+    checked = {}
+    for pid, preference in (preferences or {}).items():
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < config.num_clients:
+            raise ConfigError(f"client preference for client {pid!r}: clients are 0 to {config.num_clients - 1}")
+        try:
+            checked[pid] = config_for_node(config, {NODE_PREFERENCE_KEY: preference}).preference
+        except FirmError as err:
+            raise ConfigError(f"client {pid}: {err}") from None
+    return checked
+
+
+def parse_client_preference(item: str) -> tuple[int, str]:
+    """'PID=P' (the --client-preference flag): a partition id and its preference."""
+    pid, sep, preference = item.partition("=")
+    if not sep or not pid.strip().isdigit():
+        raise ConfigError(f"--client-preference expects PARTITION_ID=P1,P2,..., got {item!r}")
+    return int(pid), preference
+
+
 def last_round_record(run: RunDir) -> dict[str, Any]:
     rounds = [r for r in run.read_metrics() if r.get("type") == "round"]
     return max(rounds, key=lambda r: r["round"]) if rounds else {}
 
 
 def execute(run: RunDir, config: FirmConfig, *, verbose: bool = False,
-            on_round: Callable[[Any], None] | None = None, client_progress: Any = None) -> TrainResult:
+            on_round: Callable[[Any], None] | None = None, client_progress: Any = None,
+            client_preferences: Mapping[int, str] | None = None) -> TrainResult:
     """Run the Flower apps on the simulation engine until the run's last round; TrainingStopped
     when it stops early (its message says why and how to resume)."""
     from firm.federation.simulation import run_simulation
 
+    flower = logging.getLogger("flwr")
+    level = flower.level
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(config, run.path, verbose=verbose, on_round=on_round, client_progress=client_progress)
+        flower.setLevel(logging.WARNING)  # Flower's per-round INFO log repeats what the display shows
+    try:
+        run_simulation(config, run.path, verbose=verbose, on_round=on_round, client_progress=client_progress,
+                       client_preferences=client_preferences)
+    finally:
+        flower.setLevel(level)
     state = run.state()
     if state["completed_rounds"] < config.num_rounds:
         raise TrainingStopped(stop_message(state, config.num_rounds, run.path), run.path, state["completed_rounds"])
@@ -172,15 +203,17 @@ def stop_message(state: dict, num_rounds: int, run_path: Path) -> str:
 
 
 def train(config: FirmConfig | str | Path | None = None, *, preset: str | None = None,
-          resume: str | Path | None = None, progress: bool = True, verbose: bool = False,
-          **overrides: Any) -> TrainResult:
+          resume: str | Path | None = None, client_preferences: Mapping[int, Any] | None = None,
+          progress: bool = True, verbose: bool = False, **overrides: Any) -> TrainResult:
     """Train FIRM on Flower's simulation engine and return the run directory and final metrics.
 
     ``config``: a FirmConfig, or the path of a JSON config file (a saved run's config.json
     reruns that run into a new directory), or None for the preset's settings. ``overrides``:
     settings by field name (``num_rounds=2``), over the config. ``resume``: continue a run
-    directory after its last completed round (only ``num_rounds`` may change). ``progress``:
-    show the progress display (rounds, each client's steps, ETA) on stderr.
+    directory after its last completed round (only ``num_rounds`` may change).
+    ``client_preferences``: {partition id: "0.7,0.3"}, the simulated clients' own preferences
+    (each solves its weights toward its own p; the others toward the run's). ``progress``: show
+    the progress display (rounds, each client's steps, ETA) on stderr.
     """
     from firm.progress import RunProgress
 
@@ -188,17 +221,20 @@ def train(config: FirmConfig | str | Path | None = None, *, preset: str | None =
         if config is not None or preset is not None:
             raise ConfigError("resume continues a run with its own settings; pass no config or preset with it")
         run, resolved = open_resumed_run(resume, overrides)
+        own = check_client_preferences(client_preferences, resolved)
     else:
         resolved = resolve_config(config, preset, overrides)
+        own = check_client_preferences(client_preferences, resolved)
         run = create_run(resolved, preset)
     done = run.completed_rounds
     if done >= resolved.num_rounds:
         return TrainResult(run.path, done, last_round_record(run), run.last_adapter(), read_heldout(run))
     with RunProgress(resolved, done, enabled=progress) as display:
         result = execute(run, resolved, verbose=verbose, on_round=display.on_round,
-                         client_progress=display.client_progress)
+                         client_progress=display.client_progress, client_preferences=own)
     return dataclasses.replace(result, heldout=run_heldout(run, resolved))
 
 
-__all__ = ["TrainResult", "TrainingStopped", "config_file_values", "create_run", "execute", "open_resumed_run",
-           "resolve_config", "run_heldout", "stop_message", "train"]
+__all__ = ["TrainResult", "TrainingStopped", "check_client_preferences", "config_file_values", "create_run",
+           "execute", "open_resumed_run", "parse_client_preference", "resolve_config", "run_heldout", "stop_message",
+           "train"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from firm.api import TrainingStopped, create_run, execute, open_resumed_run, resolve_config, run_heldout
+from firm.api import (TrainingStopped, check_client_preferences, create_run, execute, open_resumed_run,
+                      parse_client_preference, resolve_config, run_heldout)
 from firm.cli.flags import add_dataclass_flags, dataclass_overrides
 from firm.config import PRESETS, ConfigError, FirmConfig
 from firm.federation.simulation import preflight
@@ -37,6 +38,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON settings (any saved config.json reruns that run into a new run directory); "
                              "flags override it, it overrides the preset")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last completed round")
+    parser.add_argument("--client-preference", action="append", default=[], metavar="ID=P",
+                        help="a simulated client's own preference, e.g. 0=0.7,0.3 (repeat per client; the others "
+                             "use --preference): what a deployed node sets in its node config")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     add_dataclass_flags(parser, FirmConfig, "settings (defaults from firm.config; a preset overrides some)")
@@ -77,11 +81,13 @@ def train_command(args: argparse.Namespace) -> int:
         if args.config:
             raise ConfigError("--config starts a new run; --resume continues one with its own settings")
         run, config = open_resumed_run(args.resume, overrides)
+        own = check_client_preferences(dict(map(parse_client_preference, args.client_preference)), config)
         if run.completed_rounds >= config.num_rounds:
             print(f"{run.path}: all {config.num_rounds} rounds are done; pass --num-rounds N to train further")
             return 0
     else:
         config = resolve_config(args.config, args.preset, overrides)
+        own = check_client_preferences(dict(map(parse_client_preference, args.client_preference)), config)
         if args.print_config:
             preflight(config)
             print(json.dumps(config.to_dict(), indent=2))
@@ -90,6 +96,7 @@ def train_command(args: argparse.Namespace) -> int:
     done = run.completed_rounds
     print(f"FIRM: {config.num_clients} clients x {config.num_rounds} rounds ({config.algorithm}, beta "
           f"{config.effective_beta()}), policy {config.policy}, rewards {config.rewards}; run dir {run.path}"
+          + "".join(f"; client {pid} prefers {p}" for pid, p in sorted(own.items()))
           + (f" (resuming after round {done})" if done else ""), file=sys.stderr)
 
     start = time.perf_counter()
@@ -97,7 +104,7 @@ def train_command(args: argparse.Namespace) -> int:
     with RunProgress(config, done) as progress:
         try:
             execute(run, config, verbose=args.verbose, on_round=progress.on_round,
-                    client_progress=progress.client_progress)
+                    client_progress=progress.client_progress, client_preferences=own)
         except TrainingStopped as err:
             stopped = err
     print_summary(run.path, time.perf_counter() - start)

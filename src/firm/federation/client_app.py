@@ -17,8 +17,9 @@ simulation engine, or by ``flower-supernode --node-config``) select a partition 
 source; a node config ``prompts=PATH`` makes the node train on its own file instead.
 
 What only the node decides (its node config; the server cannot override it): which prompt file
-it trains on, whether it reads a local file the server names (``allow-server-paths``), and how
-many prompt/response samples it ever sends (``sample-responses``, default 0).
+it trains on, whether it reads a local file the server names (``allow-server-paths``), how
+many prompt/response samples it ever sends (``sample-responses``, default 0), and the preference
+its weights are pulled toward (``preference``, default the server's; firm.federation.node_preference).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS
                                       NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
                                       check_metrics, config_from_record, reply_schema)
 from firm.federation.flower_logs import quiet_library_warnings
+from firm.federation.node_preference import config_for_node
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (BFloat16Sampler, MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state,
                          load_policy, resolve_device)
@@ -232,6 +234,7 @@ def save_state(context: Context, trainer: FirmLocalTrainer, directory: Path | No
 
 def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], context: Context, firm_round: int):
     """The whole client round, independent of messaging (tests call it directly)."""
+    cfg = config_for_node(cfg, context.node_config)  # the node's own preference, if it states one
     policy, tokenizer = get_policy(cfg)
     load_adapter_state(policy, global_adapter)
     rewards = build_rewards(cfg.reward_specs(), device=str(policy.device))
@@ -260,6 +263,7 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     metrics = summarize(stats, [r.name for r in rewards])
     metrics["partition-id"] = partition_id
     metrics["kl_coef"] = float(trainer.kl_controller.value)
+    metrics["preference"] = cfg.preference_vector()
     mismatch = check_metrics(reply_schema(cfg, [r.name for r in rewards]), metrics)
     if mismatch is not None:  # the server would reject this reply: a bug on this side, say it here
         raise RuntimeError(f"this client's reply does not fit the reply schema: {mismatch}")
@@ -284,15 +288,17 @@ def train_reply(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def make_client_app(node_defaults: dict) -> ClientApp:
-    """A ClientApp whose nodes take ``node_defaults`` as their own node config where Flower's
-    gives none: how `firm train`, which owns every simulated node, states the node-side choices
-    (samples allowed, server-named prompt files allowed)."""
+def make_client_app(node_defaults: dict, per_partition: dict[int, dict] | None = None) -> ClientApp:
+    """A ClientApp whose nodes take ``node_defaults`` (and, by partition id, ``per_partition``) as
+    their own node config where Flower's gives none: how `firm train`, which owns every simulated
+    node, states the node-side choices (samples allowed, server-named prompt files allowed, each
+    node's own preference)."""
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        context.node_config = {**node_defaults, **dict(context.node_config)}
+        own = (per_partition or {}).get(int(context.node_config.get("partition-id", 0)), {})
+        context.node_config = {**node_defaults, **own, **dict(context.node_config)}
         return train_reply(msg, context)
 
     return client

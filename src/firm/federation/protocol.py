@@ -37,12 +37,12 @@ NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
 NODE_PROGRESS_DIR_KEY = "progress-dir"
 # Metrics every reply carries beside the per-objective rewards, as (key, kind): "scalar",
 # "objectives" (a list of M) or "pairs" (a list of M(M-1)/2). firm.trainer.summarize writes them;
-# the client app adds partition-id and kl_coef.
+# the client app adds partition-id, kl_coef and preference (the p its weights were solved toward).
 REPLY_METRICS = (
     ("kl", "scalar"), ("response_tokens", "scalar"), ("lambda_mean", "objectives"), ("lambda_last", "objectives"),
     ("grad_cosine", "pairs"), ("policy_loss", "scalar"), ("value_loss", "scalar"), ("approx_kl", "scalar"),
     ("clipfrac", "scalar"), ("steps", "scalar"), ("skipped_steps", "scalar"), ("num-examples", "scalar"),
-    ("partition-id", "scalar"), ("kl_coef", "scalar"),
+    ("partition-id", "scalar"), ("kl_coef", "scalar"), ("preference", "objectives"),
 )
 # Per-local-step lists (firm.trainer.summarize): their length is the number of steps the client
 # took or skipped times a width (objectives, objective pairs or 1), checked against the counts.
@@ -241,7 +241,7 @@ def check_metrics(schema: ReplySchema, metrics: Mapping[str, Any]) -> str | None
         return f"partition-id must be a whole number >= 0, got {metrics['partition-id']}"
     if metrics["kl_coef"] < 0:
         return f"kl_coef must be >= 0, got {metrics['kl_coef']}"
-    for key in ("lambda_mean", "lambda_last"):
+    for key in ("lambda_mean", "lambda_last", "preference"):
         weights = metrics[key]
         if min(weights) < 0 or abs(sum(weights) - 1.0) > SIMPLEX_TOLERANCE:
             return f"metric {key} is not a probability vector ({weights})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from flwr.common.logger import FLOWER_LOGGER
@@ -26,6 +27,7 @@ from firm.checks import check_context, check_reward_spec
 from firm.config import ConfigError, FirmConfig
 from firm.federation.client_app import make_client_app
 from firm.federation.flower_logs import SilencedNotices
+from firm.federation.node_preference import NODE_PREFERENCE_KEY
 from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS_DIR_KEY, NODE_SAMPLES_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import check_policy, resolve_device, resolve_policy_path
@@ -74,9 +76,12 @@ def simulation_backend_config(config: FirmConfig, cpus: int, verbose: bool = Fal
 
 
 def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
-                   on_round: RoundCallback | None = None, client_progress: Path | None = None) -> None:
+                   on_round: RoundCallback | None = None, client_progress: Path | None = None,
+                   client_preferences: Mapping[int, str] | None = None) -> None:
     """Run the Flower apps on Flower's simulation engine, one client at a time. With
-    ``client_progress`` the clients report their steps inside a round there (firm.progress)."""
+    ``client_progress`` the clients report their steps inside a round there (firm.progress);
+    ``client_preferences`` gives simulated nodes (by partition id) their own preference, as a
+    deployed node's node config would (firm.federation.node_preference)."""
     banner_filter = SilencedNotices()
     logger = FLOWER_LOGGER
     logger.addFilter(banner_filter)
@@ -85,7 +90,8 @@ def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
         node_defaults = {NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true"}
         if client_progress is not None:
             node_defaults[NODE_PROGRESS_DIR_KEY] = str(client_progress)
-        client_app = make_client_app(node_defaults)
+        per_partition = {pid: {NODE_PREFERENCE_KEY: p} for pid, p in (client_preferences or {}).items()}
+        client_app = make_client_app(node_defaults, per_partition)
         flwr_run_simulation(server_app=make_server_app(str(run_path), on_round), client_app=client_app,
                             num_supernodes=config.num_clients,
                             backend_config=simulation_backend_config(config, os.cpu_count() or 1, verbose),
