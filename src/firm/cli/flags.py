@@ -29,8 +29,10 @@ class DefaultOnceFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) \
-                or action.option_strings == [] or isinstance(action, argparse._StoreTrueAction):
+        default = action.default
+        nothing = default is None or default is False or default == argparse.SUPPRESS or default in ("", [], ())
+        if "default" in text.lower() or nothing or not action.option_strings \
+                or isinstance(action, argparse._StoreTrueAction):
             return text
         return f"{text} [default: {default_text(action.default)}]"
 

@@ -12,7 +12,6 @@ filtered out of `firm train`'s output.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Mapping
