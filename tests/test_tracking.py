@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from firm.config import ConfigError, FirmConfig
+from conftest import offline_records
 from firm.tracking import TENSORBOARD_DIR, make_reporters, round_scalars, scalars
 
 ROUND = {"type": "round", "round": 2, "reward/helpful": -1.0, "reward/harmless": 0.5, "kl": 0.01,
@@ -47,18 +48,11 @@ def test_tensorboard_reporter_writes_round_and_client_curves(tmp_path):
     assert (point.step, point.value) == (2, pytest.approx(0.7))
 
 
-def offline_records(wandb_dir) -> bytes:
-    """The bytes of the one offline run's transaction log (protobuf records; tag names and
-    values are stored as plain strings in it)."""
-    (log,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
-    return log.read_bytes()
-
-
 def test_wandb_offline_writes_a_run_with_the_same_tags(tmp_path, wandb_offline):
     (reporter,) = make_reporters("wandb", tmp_path / "run", {"beta": 0.5})
     reporter.report_round(ROUND, [CLIENT])
     reporter.close()
-    data = offline_records(wandb_offline)
+    data = offline_records(wandb_offline, b"round/reward/helpful")
     for tag in (b"round/reward/helpful", b"round/lambda/harmless", b"client-1/lambda/helpful",
                 b"client-1/preference/helpful"):
         assert tag in data
