@@ -72,6 +72,10 @@ def test_an_adapter_copied_to_a_folder_with_no_cache_names_its_hub_base_and_has_
         assert expected in card, expected
     # firm eval on the copy loads the embedded weights offline, not the unreachable hub id
     assert infer_policy(str(copy)) == "embedded"
+    # every table row has its three pipes: no cell text breaks the table
+    for line in card.splitlines():
+        if line.startswith("| "):
+            assert line.replace("\\|", "").count("|") == 3, line
 
 
 def test_firm_eval_writes_its_held_out_result_into_the_card(tmp_path, tiny_llama_config, monkeypatch):

@@ -176,9 +176,11 @@ def run_heldout(run: RunDir, config: FirmConfig) -> dict[str, Any] | None:
     from firm.heldout import heldout_before_after
     from firm.model_card import write_heldout
     from firm.plots import plot_heldout
+    from firm.progress import no_transformers_bars
 
     adapter = run.last_adapter()
-    record = heldout_before_after(run.path, adapter, config.heldout_prompts, config.heldout_samples)
+    with no_transformers_bars():
+        record = heldout_before_after(run.path, adapter, config.heldout_prompts, config.heldout_samples)
     run.plots_dir.mkdir(parents=True, exist_ok=True)
     plot_heldout(record["gains"], record["num_prompts"], config.heldout_samples, run.plots_dir / "heldout.png")
     write_heldout(adapter, record["final"])

@@ -64,6 +64,11 @@ def read_card(adapter: str | Path) -> dict[str, Any]:
     return values if isinstance(values, dict) else {}
 
 
+def table_cell(text: str) -> str:
+    """Text inside a Markdown table cell: a bare | would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def _format_number(value: float) -> str:
     return f"{value:.4f}"
 
@@ -122,7 +127,7 @@ def card_text(config: FirmConfig, round_number: int, round_record: Mapping[str, 
         lines += [f"Base weights: the local model directory `{base}` (no hub id is known for it; pass the base "
                   "explicitly where that directory does not exist).", ""]
     lines += ["## Training", "", "| setting | value |", "| --- | --- |",
-              f"| algorithm | `{config.algorithm}`: {algorithm.summary} |",
+              f"| algorithm | `{config.algorithm}`: {table_cell(algorithm.summary)} |",
               f"| beta | {config.effective_beta():g}" + ("" if algorithm.uses_beta else f" (setting {config.beta:g}; "
                                                           f"{config.algorithm} does not use it)") + " |",
               f"| preference p (server) | " + ", ".join(f"{n} {p:g}" for n, p in zip(labels, preference)) + " |",

@@ -134,13 +134,26 @@ class ConsoleLogHandler(logging.Handler):
 
 
 @contextmanager
-def routed_library_logs(console) -> Iterator[None]:
-    """While inside: Flower's, Ray's and Python's warnings print through ``console`` (above a
-    live display), transformers' own progress bars are off, and all is put back after."""
+def no_transformers_bars() -> Iterator[None]:
+    """transformers' own per-load progress bars ("Loading weights") off while inside: they would
+    print through a live display, and say nothing about the run."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def routed_library_logs(console) -> Iterator[None]:
+    """While inside: Flower's, Ray's and Python's warnings print through ``console`` (above a
+    live display), transformers' own progress bars are off, and all is put back after."""
+    bars = no_transformers_bars()
+    bars.__enter__()
     handler = ConsoleLogHandler(console)
     saved = []
     for name in ROUTED_LOGGERS:
@@ -153,8 +166,7 @@ def routed_library_logs(console) -> Iterator[None]:
         yield
     finally:
         logging.captureWarnings(False)
-        if bars:
-            hf_logging.enable_progress_bar()
+        bars.__exit__(None, None, None)
         for logger, handlers, propagate in saved:
             logger.handlers = handlers
             logger.propagate = propagate
