@@ -190,6 +190,60 @@ def test_eval_scores_an_adapter(finished_run, tiny_policy_dir, tmp_path, capsys)
     assert math.isfinite(result["kl"])
     assert len(result["samples"]) == 3
     assert tiny_policy_dir in result["model"]  # the base model came from the run's config
+    # the settings used are in the JSON, and what came from the run is said, not silent
+    assert result["settings"]["max_new_tokens"] == 4 and result["settings"]["policy"] == tiny_policy_dir
+    assert result["settings_from_run"] == ["eval_fraction", "policy", "prompts", "temperature"]
+    printed = capsys.readouterr().out
+    assert f"settings from the adapter's run ({finished_run}): policy={tiny_policy_dir}" in printed
+
+
+def test_eval_of_a_copied_adapter_uses_its_config_and_writes_its_card(finished_run, tiny_policy_dir, tmp_path,
+                                                                      capsys):
+    import shutil
+
+    copy = tmp_path / "shared" / "adapter"
+    shutil.copytree(finished_run / "adapters/round-002", copy)
+    card = (copy / "README.md").read_text()
+    # firm train's own held-out before/after is in the final adapter's card already
+    assert "round 2 of 2" in card and "`firm eval` on 16 prompts x 2 samples" in card
+    assert json.loads((copy / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_policy_dir
+    code = main(["eval", "--adapter", str(copy), "--num-prompts", "2", "--max-new-tokens", "4",
+                 "--rewards", "relevance,civility", "--write-card"])
+    assert code == 0
+    assert f"base from the adapter's config and card: policy={tiny_policy_dir}" in capsys.readouterr().out
+    card = (copy / "README.md").read_text()
+    assert "`firm eval` on 2 prompts x 1 samples" in card and "16 prompts" not in card
+    assert "| reward relevance |" in card.split("## Held-out evaluation")[1]
+
+
+def test_help_shows_each_default_once(capsys):
+    for command in (["train"], ["eval"], ["compare"], ["pareto"], ["reward", "fit"], ["synthetic"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+        assert "(default: None)" not in text, command
+        assert "default: 3] (default" not in text, command
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("[default: 3]") == 1  # --num-rounds
+    assert "--preset {default,paper,simple-rewards} named set of settings [default: 'default']" in text
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[default: the adapter's run's, else 32]" in text  # --max-new-tokens
+
+
+def test_the_help_formatter_shows_a_zero_default_and_no_empty_one():
+    from firm.cli.flags import OneLineParser
+
+    parser = OneLineParser(prog="x")
+    parser.add_argument("--count", type=int, default=0, help="how many")
+    parser.add_argument("--item", action="append", default=[], help="one item")
+    parser.add_argument("--name", default="", help="a name")
+    text = " ".join(parser.format_help().split())
+    assert "how many [default: 0]" in text
+    assert "one item --name" in text and "a name" in text and text.count("[default") == 1
 
 
 def test_train_ends_with_a_paired_heldout_before_after(finished_run, capsys):

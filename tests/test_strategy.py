@@ -70,7 +70,7 @@ def make_adapter(seed: int) -> dict[str, np.ndarray]:
 
 
 def make_metrics(lambda_mean: list[float], reward: float, kl: float, num_examples: int = 8, skipped: int = 0) -> dict:
-    """Every metric key an honest client sends (firm.trainer.summarize + the client app's two)."""
+    """Every metric key an honest client sends (firm.trainer.summarize + the client app's three)."""
     return {
         "reward/helpful": reward,
         "reward/harmless": -reward,
@@ -88,6 +88,7 @@ def make_metrics(lambda_mean: list[float], reward: float, kl: float, num_example
         "num-examples": num_examples,
         "partition-id": 0,
         "kl_coef": 0.05,
+        "preference": [0.5, 0.5],
         # per local step: 4 steps, the skipped ones first (zeros, not taken)
         "step_lambda": [0.0, 0.0] * skipped + list(lambda_mean) * (4 - skipped),
         "step_gram_distance": [0.5] * 4,
@@ -519,7 +520,8 @@ def test_reply_schema_comes_from_the_config_and_matches_what_clients_send():
                        lambdas=[np.array([0.3, 0.7])], cosines=[np.array([0.2])], policy_losses=[0.1],
                        value_losses=[0.2], approx_kls=[0.0], clipfracs=[0.0], steps=1, num_examples=8,
                        step_records=[StepRecord(np.array([0.3, 0.7]), np.array([0.8]), np.array([0.2]), 0.5, True)])
-    metrics = summarize(stats, ["relevance", "civility"]) | {"partition-id": 1, "kl_coef": 0.05}
+    metrics = summarize(stats, ["relevance", "civility"]) | {"partition-id": 1, "kl_coef": 0.05,
+                                                              "preference": [0.5, 0.5]}
     assert check_metrics(schema, metrics) is None
     fsmgda = reply_schema(make_config(algorithm="fsmgda"))
     assert fsmgda.max_steps == 2 * reply_schema(make_config()).max_steps  # one pass per objective

@@ -66,7 +66,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SAMPLING_DTYPES = ("policy", "bfloat16")
 
 # Where `report_to` can send training curves besides metrics.jsonl (firm.tracking).
-REPORTERS = ("none", "tensorboard")
+REPORTERS = ("none", "tensorboard", "wandb")
 
 # How the server combines client adapters (FirmConfig.aggregator).
 AGGREGATORS = ("fedavg", "median", "trimmed-mean")
@@ -208,7 +208,7 @@ class FirmConfig:
     sample_responses: int = 0
     """prompt/response pairs each client sends per round into metrics.jsonl (off: prompts are private)"""
     report_to: str = "none"
-    """where curves go besides metrics.jsonl: none or tensorboard (RUN_DIR/tensorboard)"""
+    """where curves go besides metrics.jsonl: none, tensorboard (RUN_DIR/tensorboard) or wandb (Weights & Biases; WANDB_MODE=offline writes RUN_DIR/wandb with no network), comma-separated"""
     heldout_prompts: int = 16
     """`firm train` ends by scoring the untrained policy and the final adapter on this many held-out prompts (RUN_DIR/heldout.json, the paired gain with its interval; 0 = skip)"""
     heldout_samples: int = 2

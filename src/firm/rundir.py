@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from firm.config import ConfigError, FirmConfig
 from firm.errors import FirmError
@@ -263,14 +263,17 @@ class RunDir:
     def adapter_dir(self, round_number: int) -> Path:
         return self.path / ADAPTERS_DIR / f"round-{round_number:03d}"
 
-    def save_adapter(self, round_number: int, peft_model) -> Path:
-        """Write the peft adapter of a round atomically (temp dir + rename)."""
+    def save_adapter(self, round_number: int, peft_model, finish: Callable[[Path], None] | None = None) -> Path:
+        """Write the peft adapter of a round atomically (temp dir + rename); ``finish`` edits the
+        saved folder before it takes the round's name (the model card, the portable base name)."""
         target = self.adapter_dir(round_number)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         trash = target.with_name(f".{target.name}.old")
         try:
             peft_model.save_pretrained(tmp)
+            if finish is not None:
+                finish(tmp)
             tmp.chmod(0o755)
             if target.exists():  # a resumed round being redone: move the old one aside first
                 if trash.exists():

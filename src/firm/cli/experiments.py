@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from firm.api import config_file_values
 from firm.cli.flags import OneLineParser, UsageError, check_output_folder
 from firm.cli.train import add_train_arguments, config_overrides
 from firm.config import ALGORITHMS, DEFAULT_PRESET, PARTITIONS
@@ -31,7 +32,7 @@ def add_parser(subparsers) -> None:
     """Register `compare` and `pareto` on the `firm` command's subparsers."""
     compare = subparsers.add_parser(
         "compare", help="run algorithms side by side on the same data, partitions and seeds; table + plots",
-        epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG)
     compare.add_argument("--out", required=True, help="experiment directory (runs/, table.md, results.json, plots)")
     compare.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithms")
     compare.add_argument("--partitions", default=",".join(PARTITIONS), help="comma-separated prompt partitions")
@@ -48,7 +49,7 @@ def add_parser(subparsers) -> None:
 
     pareto = subparsers.add_parser(
         "pareto", help="sweep preference vectors for firm and linear; front, hypervolume, rank correlation",
-        epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG)
     pareto.add_argument("--out", required=True, help="experiment directory (runs/, table.md, results.json, plots)")
     pareto.add_argument("--algorithms", default="firm,linear", help="comma-separated algorithms")
     pareto.add_argument("--preferences", default="",
@@ -196,7 +197,8 @@ def parse_train_flags(flags: Sequence[str], owned: Sequence[str]) -> argparse.Na
 def train_settings(flags: Sequence[str], owned: Sequence[str]) -> TrainSettings:
     """The flags after `--` as the harness uses them: preset, settings overridden, the flags."""
     namespace = parse_train_flags(flags, owned)
-    return TrainSettings(namespace.preset or DEFAULT_PRESET, config_overrides(namespace), tuple(flags))
+    from_file = config_file_values(namespace.config) if namespace.config else {}
+    return TrainSettings(namespace.preset or DEFAULT_PRESET, {**from_file, **config_overrides(namespace)}, tuple(flags))
 
 
 def num_objectives(train: TrainSettings) -> int:

@@ -20,8 +20,9 @@ source; a node config ``prompts=PATH`` makes the node train on its own file inst
 What only the node decides (its node config; the server cannot override it): which prompt file
 it trains on, whether it reads a local file (``allow-server-paths``), loads a model
 (``allow-server-models``) or keeps its state in a run directory (``allow-server-run-dir``) that
-the server names (firm.federation.node_policy), and how many prompt/response samples it ever
-sends (``sample-responses``, default 0).
+the server names (firm.federation.node_policy), how many prompt/response samples it ever
+sends (``sample-responses``, default 0), and the preference its weights are pulled toward
+(``preference``, default the server's; firm.federation.node_preference).
 """
 
 from __future__ import annotations
@@ -43,16 +44,20 @@ from safetensors.torch import save as save_safetensors
 
 from firm.config import FirmConfig
 from firm.errors import FirmError
-from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROMPTS_KEY, NODE_SAMPLES_KEY,
+from firm.federation.protocol import (NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS_DIR_KEY, NODE_PROMPTS_KEY,
+                                      NODE_SAMPLES_KEY,
                                       NODE_STATE_DIR_KEY, ROUND_KEY, STATE_CLIENT, STATE_OPTIMIZER, STATE_VALUE_HEAD,
                                       check_metrics, config_from_record, reply_schema)
+from firm.federation.flower_logs import quiet_library_warnings
 from firm.federation.node_policy import (NODE_ALLOW_SERVER_RUN_DIR_KEY, NodePolicyError, check_server_models,
                                          node_allows)
+from firm.federation.node_preference import config_for_node
 from firm.federation.replies import SAMPLE_TEXT_CHARS
 from firm.fsmgda import FsmgdaLocalTrainer, pack_objectives
 from firm.models import (BFloat16Sampler, MultiObjectiveValueHead, adapter_state, add_lora, load_adapter_state,
                          load_policy, resolve_device)
 from firm.partition import partition_prompts, split_evaluation
+from firm.progress import ClientProgressWriter, client_work
 from firm.prompts import load_prompts
 from firm.rewards import build_rewards
 from firm.rundir import CONFIG_FILE, RunDir, atomic_write_bytes
@@ -230,6 +235,7 @@ def save_state(context: Context, trainer: FirmLocalTrainer, directory: Path | No
 def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], context: Context, firm_round: int):
     """The whole client round, independent of messaging (tests call it directly)."""
     check_server_models(cfg, context.node_config)
+    cfg = config_for_node(cfg, context.node_config)  # the node's own preference, if it states one
     policy, tokenizer = get_policy(cfg)
     load_adapter_state(policy, global_adapter)
     rewards = build_rewards(cfg.reward_specs(), device=str(policy.device))
@@ -243,6 +249,9 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     restore_state(context, trainer, state_dir, firm_round)
     shard = client_shard(cfg, context.node_config)
     partition_id = int(context.node_config.get("partition-id", 0))
+    if NODE_PROGRESS_DIR_KEY in context.node_config:
+        trainer.progress = ClientProgressWriter(str(context.node_config[NODE_PROGRESS_DIR_KEY]), partition_id,
+                                                firm_round, *client_work(cfg, len(shard), len(rewards)))
     seed = round_seed(cfg.seed, partition_id, firm_round)
     torch.manual_seed(seed)  # generate() samples from torch's global generator
     if isinstance(trainer, FsmgdaLocalTrainer):  # one adapter per objective, packed into one record
@@ -255,6 +264,7 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     metrics = summarize(stats, [r.name for r in rewards])
     metrics["partition-id"] = partition_id
     metrics["kl_coef"] = float(trainer.kl_controller.value)
+    metrics["preference"] = cfg.preference_vector()
     mismatch = check_metrics(reply_schema(cfg, [r.name for r in rewards]), metrics)
     if mismatch is not None:  # the server would reject this reply: a bug on this side, say it here
         raise RuntimeError(f"this client's reply does not fit the reply schema: {mismatch}")
@@ -281,15 +291,17 @@ def train_reply(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def make_client_app(node_defaults: dict) -> ClientApp:
-    """A ClientApp whose nodes take ``node_defaults`` as their own node config where Flower's
-    gives none: how `firm train`, which owns every simulated node, states the node-side choices
-    (samples allowed, server-named prompt files allowed)."""
+def make_client_app(node_defaults: dict, per_partition: dict[int, dict] | None = None) -> ClientApp:
+    """A ClientApp whose nodes take ``node_defaults`` (and, by partition id, ``per_partition``) as
+    their own node config where Flower's gives none: how `firm train`, which owns every simulated
+    node, states the node-side choices (samples allowed, server-named prompt files allowed, each
+    node's own preference)."""
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        context.node_config = {**node_defaults, **dict(context.node_config)}
+        own = (per_partition or {}).get(int(context.node_config.get("partition-id", 0)), {})
+        context.node_config = {**node_defaults, **own, **dict(context.node_config)}
         return train_reply(msg, context)
 
     return client
@@ -300,4 +312,5 @@ app = ClientApp()  # a deployed node: its node config alone decides (flower-supe
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    quiet_library_warnings()
     return train_reply(msg, context)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,14 +32,17 @@ NODE_STATE_DIR_KEY = "state-dir"
 NODE_PROMPTS_KEY = "prompts"
 NODE_SAMPLES_KEY = "sample-responses"
 NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
+# Where a node reports its progress inside a round (firm.progress; set by `firm train` for its
+# own simulated nodes, whose display reads it).
+NODE_PROGRESS_DIR_KEY = "progress-dir"
 # Metrics every reply carries beside the per-objective rewards, as (key, kind): "scalar",
 # "objectives" (a list of M) or "pairs" (a list of M(M-1)/2). firm.trainer.summarize writes them;
-# the client app adds partition-id and kl_coef.
+# the client app adds partition-id, kl_coef and preference (the p its weights were solved toward).
 REPLY_METRICS = (
     ("kl", "scalar"), ("response_tokens", "scalar"), ("lambda_mean", "objectives"), ("lambda_last", "objectives"),
     ("grad_cosine", "pairs"), ("policy_loss", "scalar"), ("value_loss", "scalar"), ("approx_kl", "scalar"),
     ("clipfrac", "scalar"), ("steps", "scalar"), ("skipped_steps", "scalar"), ("num-examples", "scalar"),
-    ("partition-id", "scalar"), ("kl_coef", "scalar"),
+    ("partition-id", "scalar"), ("kl_coef", "scalar"), ("preference", "objectives"),
 )
 # Per-local-step lists (firm.trainer.summarize): their length is the number of steps the client
 # took or skipped times a width (objectives, objective pairs or 1), checked against the counts.
@@ -88,7 +92,19 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FirmConfig:
             name = fields[key].name
             if value != getattr(defaults, name):
                 overrides[name] = value
-    return build_config(str(run_config.get(PRESET_KEY, "default")), overrides)
+    try:
+        return build_config(str(run_config.get(PRESET_KEY, "default")), overrides)
+    except ConfigError as err:
+        raise ConfigError(run_config_message(str(err))) from None
+
+
+def run_config_message(message: str) -> str:
+    """A settings error in the run config's own words: its keys are kebab-case (num-rounds, not
+    num_rounds)."""
+    for f in dataclasses.fields(FirmConfig):
+        if "_" in f.name:
+            message = re.sub(rf"\b{f.name}\b", run_config_key(f.name), message)
+    return f"run config: {message}"
 
 
 # ---- what a client reply must look like, from the server's config alone ------------------------
@@ -225,7 +241,7 @@ def check_metrics(schema: ReplySchema, metrics: Mapping[str, Any]) -> str | None
         return f"partition-id must be a whole number >= 0, got {metrics['partition-id']}"
     if metrics["kl_coef"] < 0:
         return f"kl_coef must be >= 0, got {metrics['kl_coef']}"
-    for key in ("lambda_mean", "lambda_last"):
+    for key in ("lambda_mean", "lambda_last", "preference"):
         weights = metrics[key]
         if min(weights) < 0 or abs(sum(weights) - 1.0) > SIMPLEX_TOLERANCE:
             return f"metric {key} is not a probability vector ({weights})"

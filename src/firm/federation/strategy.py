@@ -185,6 +185,16 @@ def short_reasons(items: list[tuple[int, str]]) -> str:
                      for n, r in items)
 
 
+def round_metrics(round_record: dict[str, Any]) -> dict[str, int | float]:
+    """What Flower logs as the round's aggregated MetricRecord: clients, each objective's mean
+    reward, the KL and the mean lambda per objective (the full record goes to metrics.jsonl)."""
+    names = [key.split("/", 1)[1] for key in round_record if key.startswith("reward/")]
+    return {"clients": int(round_record["clients"]),
+            **{f"reward/{name}": float(round_record[f"reward/{name}"]) for name in names},
+            "kl": float(round_record["kl"]),
+            **{f"lambda/{name}": float(x) for name, x in zip(names, round_record["lambda_mean"])}}
+
+
 @dataclass
 class RoundResult:
     round: int
@@ -423,7 +433,7 @@ class FirmFedAvg(FedAvg):
             "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in ordered])),
         }
         self.on_round_end(RoundResult(firm_round, arrays, client_records, round_record, self.ledger))
-        return arrays, MetricRecord({"clients": len(valid), "kl": round_record["kl"]})
+        return arrays, MetricRecord(round_metrics(round_record))
 
 
 # ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda) ---------------------
