@@ -34,7 +34,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `firm train` (the experiment harness parses its pass-through flags with them)."""
     # None = not given: a resumed run refuses one (it keeps its settings); a new run takes DEFAULT_PRESET
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help=f"named set of settings [default: {DEFAULT_PRESET}]")
+                        help=f"named set of settings [default: {DEFAULT_PRESET!r}]")
     parser.add_argument("--config", metavar="FILE",
                         help="JSON settings (any saved config.json reruns that run into a new run directory); "
                              "flags override it, it overrides the preset")
