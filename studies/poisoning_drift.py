@@ -65,6 +65,7 @@ def metrics(num_objectives: int = 2) -> dict:
     return {"reward/relevance": 0.1, "reward/civility": 0.2, "kl": 0.5, "response_tokens": 30.0, "lambda_mean": lam,
             "lambda_last": lam, "grad_cosine": [0.1], "policy_loss": 0.0, "value_loss": 0.5, "approx_kl": 0.01,
             "clipfrac": 0.0, "steps": 4, "skipped_steps": 0, "num-examples": 8, "partition-id": 0, "kl_coef": 0.05,
+            "preference": lam,
             "step_lambda": lam * 4, "step_gram_distance": [0.5] * 4, "step_cosine": [0.1] * 4,
             "step_norm_ratio": [0.9] * 4, "step_taken": [1.0] * 4}
 
