@@ -78,8 +78,8 @@ def server_task_identity(monkeypatch):
 
 
 # ---- `flwr run` with a bad run-config value: one line, a failed run, nothing written ----------------
-@pytest.mark.parametrize("key, value, message", [("num-rounds", 0, "num_rounds must be >= 1"),
-                                                 ("num-rounds", "two", "num_rounds expects a int, got 'two'"),
+@pytest.mark.parametrize("key, value, message", [("num-rounds", 0, "run config: num-rounds must be >= 1, got 0"),
+                                                 ("num-rounds", "two", "num-rounds expects a int, got 'two'"),
                                                  ("seed", -1, "seed must be from 0 to 2^32 - 1")])
 def test_a_bad_run_config_value_under_flwr_run_ends_the_run_with_one_line(tmp_path, monkeypatch, key, value, message):
     import firm.federation.server_app as server_app
