@@ -143,7 +143,7 @@ def test_flwr_run_with_a_bad_value_fails_the_run_with_one_line(tmp_path: Path, t
     assert run["status"] == "finished:failed", run
     log = (tmp_path / "flwr-run.log").read_text(errors="replace")
     lines = [line for line in log.splitlines() if "run config: beta must be >= 0, got -1.0" in line]
-    assert len(lines) == 1 and "FIRM: run config: beta" in lines[0], log
+    assert len(lines) == 1 and "FIRM run refused: run config: beta must be >= 0, got -1.0" in lines[0], log
     assert "Traceback" not in log
     assert not run_dir.exists()
     assert processes.stop() == []
