@@ -62,6 +62,17 @@ def by_round_and_partition(records: list[dict]) -> dict:
             for r in records}
 
 
+def assert_same_as_straight_run(records: list[dict], run_dir: Path, straight_run: Path) -> None:
+    """A resumed run's metrics equal the straight 3-round run's, and every adapter bit for bit."""
+    resumed, straight = by_round_and_partition(records), by_round_and_partition(read_records(straight_run))
+    assert set(resumed) == set(straight)
+    for key, record in straight.items():
+        assert_close(resumed[key], record, str(key))
+    for adapter in ("round-000", "round-001", "round-002", "round-003"):
+        assert (run_dir / "adapters" / adapter / "adapter_model.safetensors").read_bytes() == (
+            straight_run / "adapters" / adapter / "adapter_model.safetensors").read_bytes(), adapter
+
+
 def test_simulation_writes_the_run_directory(finished_run, tiny_policy_dir):
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     clients = [r for r in records if r["type"] == "client"]
@@ -131,13 +142,7 @@ def test_resume_continues_exactly_as_a_run_that_never_stopped(finished_run, stra
     assert (run_dir / "clients/0/round-003.safetensors").is_file()
 
     # 2 rounds + resume for 1 = 3 rounds straight: every metric, and every adapter, bit for bit.
-    resumed, straight = by_round_and_partition(records), by_round_and_partition(read_records(straight_run))
-    assert set(resumed) == set(straight)
-    for key, record in straight.items():
-        assert_close(resumed[key], record, str(key))
-    for adapter in ("round-000", "round-001", "round-002", "round-003"):
-        assert (run_dir / "adapters" / adapter / "adapter_model.safetensors").read_bytes() == (
-            straight_run / "adapters" / adapter / "adapter_model.safetensors").read_bytes(), adapter
+    assert_same_as_straight_run(records, run_dir, straight_run)
     for partition in ("0", "1"):  # and each client's state after round 3
         final = load_file(str(run_dir / "clients" / partition / "round-003.safetensors"))
         expected = load_file(str(straight_run / "clients" / partition / "round-003.safetensors"))
@@ -402,13 +407,7 @@ def test_a_kill_during_the_servers_round_writes_resumes_bit_for_bit(straight_run
 
     assert main(["train", "--resume", str(run_dir)]) == 0
 
-    records, straight = by_round_and_partition(read_records(run_dir)), by_round_and_partition(read_records(straight_run))
-    assert set(records) == set(straight)
-    for key, record in straight.items():
-        assert_close(records[key], record, str(key))
-    for adapter in ("round-000", "round-001", "round-002", "round-003"):
-        assert (run_dir / "adapters" / adapter / "adapter_model.safetensors").read_bytes() == (
-            straight_run / "adapters" / adapter / "adapter_model.safetensors").read_bytes(), adapter
+    assert_same_as_straight_run(read_records(run_dir), run_dir, straight_run)
 
 
 @pytest.mark.parametrize("change, message", [
