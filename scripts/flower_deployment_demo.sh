@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # FIRM on a Flower *deployment* federation, all on this machine: one SuperLink ("the server")
-# and two SuperNodes ("the clients"), each SuperNode training on its own prompt partition, then
-# `flwr run` submits the app in this repository to them. It is the same ServerApp/ClientApp
-# that `firm train` and `flwr run . local` run, at tiny sizes (2 clients x 2 rounds, 2 prompts
-# per client, 8 new tokens): about 7 minutes on a busy 2-core CPU, mostly spent starting a fresh
-# ClientApp process (imports + model load) for every client in every round.
+# and NUM_NODES SuperNodes ("the clients", two by default), each SuperNode training on its own
+# prompt partition, then `flwr run` submits the app in this repository to them. It is the same
+# ServerApp/ClientApp that `firm train` and `flwr run . local` run, at tiny sizes (2 clients x 2
+# rounds, 2 prompts per client, 8 new tokens): about 7 minutes on a busy 2-core CPU, mostly spent
+# starting a fresh ClientApp process (imports + model load) for every client in every round.
 #
 # Secure by default, as docs/deployment.md describes: the script makes a throw-away CA, a TLS
 # certificate for the SuperLink (127.0.0.1/localhost) and one authentication key pair per SuperNode
@@ -27,7 +27,9 @@
 #   RUN_CONFIG FIRM settings as Flower run-config keys, "key=value key=value" with TOML values
 #              (default: tiny sizes, see below; every key: docs/configuration.md)
 #   RUN_DIR    where the run is written (default: runs/flower-deployment-<time> in this repo)
-#   VENV_BIN   directory with python, flwr, flower-superlink, flower-supernode (default: .venv/bin)
+#   NUM_NODES  how many SuperNodes to start (default: 2); num-clients in RUN_CONFIG must match
+#   VENV_BIN   directory with python, flwr, flower-superlink, flower-supernode, flower-superexec
+#              (default: .venv/bin)
 #   TIMEOUT_S  stop waiting for the run after this many seconds (default: 1800)
 # Everything is stopped when the script ends, also on Ctrl-C or an error.
 set -euo pipefail
@@ -41,7 +43,8 @@ done
 # flwr starts flower-superexec / flwr-serverapp / flwr-clientapp by name: same environment first.
 export PATH="$VENV_BIN:$PATH"
 
-NUM_NODES=2
+NUM_NODES="${NUM_NODES:-2}"
+[[ "$NUM_NODES" =~ ^[1-9][0-9]*$ ]] || { echo "error: NUM_NODES must be a positive integer, got '$NUM_NODES'" >&2; exit 2; }
 INSECURE="${INSECURE:-0}"
 PRESET="${PRESET:-default}"
 RUN_CONFIG="${RUN_CONFIG:-num-clients=$NUM_NODES num-rounds=2 rollout-batch-size=2 max-new-tokens=8 ppo-epochs=1 num-minibatches=1}"
@@ -185,8 +188,9 @@ if [[ "$INSECURE" == 0 ]]; then
     done
 fi
 
-# --- 6. two SuperNodes, each with its own partition of the prompts ----------------------------
+# --- 6. NUM_NODES SuperNodes, each with its own partition of the prompts -----------------------
 # (--port is the SuperNode's own local API for its ClientApp processes: one free port each.
+#  allow-server-run-dir: these nodes share the server's host and keep their state in its run directory.
 #  A node can also train on a private file instead: --node-config 'prompts="/path/prompts.jsonl"')
 for ((i = 0; i < NUM_NODES; i++)); do
     node_port="$(free_port)"
@@ -195,7 +199,7 @@ for ((i = 0; i < NUM_NODES; i++)); do
     echo "Starting flower-supernode $i (partition-id=$i, log: $WORK/supernode-$i.log)"
     (cd "$WORK" && exec flower-supernode "${SUPERNODE_TLS[@]}" ${node_auth[@]+"${node_auth[@]}"} \
         --superlink "127.0.0.1:$SUPERLINK_PORT" --host 127.0.0.1 --port "$node_port" \
-        --node-config "partition-id=$i num-partitions=$NUM_NODES") > "$WORK/supernode-$i.log" 2>&1 &
+        --node-config "partition-id=$i num-partitions=$NUM_NODES allow-server-run-dir=true") > "$WORK/supernode-$i.log" 2>&1 &
     STARTED_PIDS+=($!)
 done
 

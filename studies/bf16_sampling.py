@@ -43,7 +43,7 @@ import torch
 
 from _policy_batch import fresh_value_head, seeded_policy
 from firm.config import build_config
-from firm.federation.node import client_shard
+from firm.federation.node_policy import client_shard
 from firm.gradients import objective_gradients
 from firm.models import BFloat16Sampler
 from firm.ppo import clipped_surrogate_losses

@@ -106,10 +106,11 @@ def flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60.0)
     return result.stdout
 
 
-def run_to_completion(connection: str, extra_args: list[str], env: dict[str, str], cwd: Path,
-                      logs: list[Path]) -> dict:
-    """Submit the app with `flwr run --stream`, which returns once the run has finished (its output
-    is the ServerApp's log, traceback included), then ask `flwr ls` how the run ended."""
+def run_to_end(connection: str, extra_args: list[str], env: dict[str, str], cwd: Path,
+               logs: list[Path] = ()) -> dict:
+    """Submit the app with `flwr run --stream`, which returns once the run has ended whatever its
+    outcome (its output, the ServerApp's log, goes to cwd/flwr-run.log), then ask `flwr ls` how it
+    ended: the run's record, its status included."""
     stream_log = cwd / "flwr-run.log"
     with stream_log.open("w") as out:
         try:
@@ -121,8 +122,15 @@ def run_to_completion(connection: str, extra_args: list[str], env: dict[str, str
     assert result.returncode == 0, f"flwr run exited {result.returncode}\n{log_tails([stream_log])}"
     runs = json.loads(flwr(["ls", connection, "--format", "json"], env, cwd))["runs"]
     assert len(runs) == 1, f"expected the one run of this test on its private SuperLink, got {runs}"
-    assert runs[0]["status"] == "finished:completed", f"{runs[0]}\n{log_tails([stream_log, *logs], lines=60)}"
     return runs[0]
+
+
+def run_to_completion(connection: str, extra_args: list[str], env: dict[str, str], cwd: Path,
+                      logs: list[Path]) -> dict:
+    """run_to_end for a run that must complete."""
+    run = run_to_end(connection, extra_args, env, cwd, logs)
+    assert run["status"] == "finished:completed", f"{run}\n{log_tails([cwd / 'flwr-run.log', *logs], lines=60)}"
+    return run
 
 
 def wait_for_superlink(port: int, process: subprocess.Popen, log: Path, ca_certfile: Path | None = None) -> None:
@@ -344,7 +352,10 @@ def start_secure_supernode(link: SecureSuperLink, name: str, partition_id: int, 
     log = link.cwd / f"{name}.log"
     command = [str(SCRIPTS_DIR / "flower-supernode"), "--root-certificates", str(link.tls.ca_certfile),
                "--superlink", f"127.0.0.1:{link.port}", "--host", "127.0.0.1", "--port", str(free_port()),
-               "--node-config", f"partition-id={partition_id} num-partitions={num_partitions} {node_config}".strip()]
+               # the tests' own nodes on the server's host: they load the tiny policy the server names
+               # and keep their state in its run directory (firm.federation.node_policy)
+               "--node-config", f"partition-id={partition_id} num-partitions={num_partitions} allow-server-models=true "
+                                f"allow-server-run-dir=true {node_config}".strip()]
     if key is not None:
         command += ["--auth-supernode-private-key", str(key.private_key)]
     process = start_process(command, link.env, link.cwd, log)

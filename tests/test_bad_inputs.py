@@ -107,6 +107,22 @@ class Files:
         self.run_bad_setting = self._run("runs/bad-setting", json.dumps({**config, "beta": -1}),
                                          '{"completed_rounds": 1}')
         self.run_no_state = write("runs/no-state/config.json", json.dumps(config)).parent
+        trained = jsonl({"type": "round", "round": 1, "algorithm": "firm", "reward/relevance": 0.1,
+                         "reward/civility": 0.2})
+        self.run_swapped = self._run("runs/swapped", json.dumps({**config, "rewards": "civility,relevance"}),
+                                     '{"completed_rounds": 1}', metrics=trained)
+        self.run_other_algorithm = self._run("runs/other-algorithm", json.dumps({**config, "algorithm": "mgda"}),
+                                             '{"completed_rounds": 1}', metrics=trained)
+        self.run_bool_rounds = self._run("runs/bool-rounds", json.dumps({**config, "num_rounds": True}),
+                                         '{"completed_rounds": 1}', metrics=trained)
+        self.run_number_policy = self._run("runs/number-policy", json.dumps({**config, "policy": 5}),
+                                           '{"completed_rounds": 1}', metrics=trained)
+        self.run_missing_prompts = self._run(
+            "runs/missing-prompts", json.dumps({**config, "prompts": str(root / "gone.jsonl")}),
+            '{"completed_rounds": 1}', metrics=trained)
+        # a policy whose weights are a pickle (loading one can run code)
+        self.pickled_policy = write("policies/pickled/config.json", (Path(policy) / "config.json").read_text()).parent
+        write("policies/pickled/pytorch_model.bin", b"\x80\x04pickle")
 
     def _run(self, rel: str, config: str, state: str, metrics: str | None = None) -> Path:
         path = self.write(f"{rel}/config.json", config).parent
@@ -155,7 +171,17 @@ BAD_INPUTS = [
     row("unknown partition", lambda f: f.train("--partition", "zipf"), "partition must be one of"),
     row("unknown preset", lambda f: f.train("--preset", "huge"), "invalid choice: 'huge'"),
     row("unknown optimizer", lambda f: f.train("--optimizer", "adam"), "optimizer must be one of"),
-    row("unknown report-to", lambda f: f.train("--report-to", "wandb"), "report_to must be one of"),
+    row("unknown report-to", lambda f: f.train("--report-to", "comet"), "report_to must be one of"),
+    row("config file missing", lambda f: f.train("--config", str(f.root / "no-such-config.json")),
+        lambda f: f"config file {f.root / 'no-such-config.json'} does not exist"),
+    row("config file with an unknown setting", lambda f: f.train("--config", str(f.run_unknown_setting / "config.json")),
+        "unknown setting(s): warp"),
+    row("config file with a bad value", lambda f: f.train("--config", str(f.run_bad_setting / "config.json")),
+        "beta must be >= 0"),
+    row("client preference that does not sum to 1", lambda f: f.train("--client-preference", "0=0.9,0.2"),
+        "client 0: node config preference '0.9,0.2': preference must sum to 1"),
+    row("client preference for a client that does not exist", lambda f: f.train("--client-preference", "7=0.5,0.5"),
+        "clients are 0 to"),
     row("unknown aggregator", lambda f: f.train("--aggregator", "mean"), "aggregator must be one of"),
     row("unknown reward spec", lambda f: f.train("--rewards", "civility,no-such-reward"),
         "unknown reward spec 'no-such-reward'"),
@@ -245,6 +271,31 @@ BAD_INPUTS = [
         "only --num-rounds may change"),
     row("resume with --num-rounds 0", lambda f: ["train", "--resume", str(f.existing_run), "--num-rounds", "0"],
         "num_rounds must be >= 1"),
+    # ---- the bad inputs that were not clean (tracebacks, silent acceptance, a resume that trained on) ----
+    row("device index beyond any integer", lambda f: f.train("--device", "cuda:99999999999999999999"),
+        "device must be auto, cpu, cuda or cuda:N"),
+    row("partition-seed -1", lambda f: f.train("--partition-seed", "-1"), "partition_seed must be from 0 to 2^32 - 1"),
+    row("seed 10^30", lambda f: f.train("--seed", str(10**30)), "seed is out of range"),
+    row("seed 2^40", lambda f: f.train("--seed", str(2**40)), "seed must be from 0 to 2^32 - 1"),
+    row("run-dir name of 300 characters", lambda f: f.train("--run-dir", str(f.root / ("r" * 300))),
+        "is longer than the file system allows"),
+    row("the same reward twice", lambda f: f.train("--rewards", "relevance,relevance"),
+        "rewards names relevance more than once"),
+    row("policy whose weights are a pickle", lambda f: f.train("--policy", str(f.pickled_policy)),
+        "its weights are pickle files (pytorch_model.bin)"),
+    row("resume: config.json num_rounds true", lambda f: ["train", "--resume", str(f.run_bool_rounds)],
+        "num_rounds expects a int, got True"),
+    row("resume: config.json policy a number", lambda f: ["train", "--resume", str(f.run_number_policy)],
+        "policy expects a str, got 5"),
+    row("resume with --preset", lambda f: ["train", "--resume", str(f.existing_run), "--preset", "paper"],
+        "--preset paper cannot be combined with --resume"),
+    row("resume after the objectives were swapped in config.json", lambda f: ["train", "--resume", str(f.run_swapped)],
+        "the objectives are ['civility', 'relevance'] but the run's rounds were trained on ['relevance', 'civility']"),
+    row("resume after the algorithm was changed in config.json",
+        lambda f: ["train", "--resume", str(f.run_other_algorithm)],
+        "algorithm is 'mgda' but the run's rounds were trained with 'firm'"),
+    row("resume after prompts points to a missing file", lambda f: ["train", "--resume", str(f.run_missing_prompts)],
+        "is not an existing file"),
     # ---- firm eval -----------------------------------------------------------------------------
     row("eval: adapter folder without adapter_config.json", lambda f: f.eval("--adapter", str(f.root / "prompts")),
         "adapter_config.json missing"),
@@ -390,7 +441,23 @@ def files(tmp_path: Path, tiny_policy_dir: str) -> Files:
 
 
 def test_the_table_is_large_enough():
-    assert len(BAD_INPUTS) >= 50
+    assert len(BAD_INPUTS) >= 60
+
+
+def test_a_model_cache_under_a_file_is_refused_before_the_policy_is_converted(files, monkeypatch, capsys):
+    import firm.models as models
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the embedded policy was converted before the cache was checked")
+
+    monkeypatch.setattr(models, "_materialize_embedded_policy", forbidden)
+    monkeypatch.setenv("FIRM_CACHE", str(files.a_file / "cache"))
+    before = snapshot(files.root)
+    assert main(["train", "--policy", "embedded", *REWARDS, "--run-dir", str(files.run)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: the model cache (FIRM_CACHE) {files.a_file / 'cache'}: cannot create a folder there " \
+                  f"({files.a_file} is a file)\n"
+    assert snapshot(files.root) == before
 
 
 @pytest.mark.parametrize("argv, message", BAD_INPUTS)

@@ -126,7 +126,32 @@ def test_existing_files_are_not_overwritten_unless_asked(tmp_path: Path) -> None
     assert first.server_keyfile.read_bytes() == before
     make_tls_certificates(tmp_path, overwrite=True)
     assert first.server_keyfile.read_bytes() != before
-    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_planted_symlink_never_receives_a_key(tmp_path: Path) -> None:
+    """Before: the key went through ``.<name>.tmp-<pid>``, opened without O_EXCL/O_NOFOLLOW, so a
+    link planted at that name (the pid is easy to guess) received the private key."""
+    pki, outside = tmp_path / "pki", tmp_path / "attacker-owned"
+    pki.mkdir()
+    outside.write_text("attacker's file\n")
+    for name in ("server.key", "supernode-0.key"):  # every name the old code would have used
+        for pid in {os.getpid(), os.getpid() + 1}:
+            (pki / f".{name}.tmp-{pid}").symlink_to(outside)
+    (pki / "ca.crt").symlink_to(tmp_path / "nowhere")  # a dangling link counts as an existing file
+    with pytest.raises(CertificateError, match="refusing to overwrite"):
+        make_tls_certificates(pki)
+    (pki / "ca.crt").unlink()
+    tls = make_tls_certificates(pki)
+    make_node_key(pki, "supernode-0")
+    assert outside.read_text() == "attacker's file\n"
+    assert b"PRIVATE KEY" in tls.server_keyfile.read_bytes() and not tls.server_keyfile.is_symlink()
+    # with overwrite, a link at the key's own name is replaced, not written through
+    (pki / "server.key").unlink()
+    (pki / "server.key").symlink_to(outside)
+    make_tls_certificates(pki, overwrite=True)
+    assert outside.read_text() == "attacker's file\n" and not (pki / "server.key").is_symlink()
+    assert stat.S_IMODE((pki / "server.key").stat().st_mode) == 0o600
 
 
 def test_private_keys_are_0600_whatever_the_umask(tmp_path: Path) -> None:

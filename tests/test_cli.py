@@ -43,7 +43,7 @@ def read_records(run_dir: Path) -> list[dict]:
 
 
 def assert_close(got, expected, where: str) -> None:
-    """Equal, numbers to float tolerance (recursing into lists and dicts)."""
+    """Equal, numbers bit for bit (recursing into lists and dicts)."""
     if isinstance(expected, dict):
         assert set(got) == set(expected), where
         for key in expected:
@@ -52,8 +52,6 @@ def assert_close(got, expected, where: str) -> None:
         assert isinstance(got, list) and len(got) == len(expected), where
         for i, (g, e) in enumerate(zip(got, expected)):
             assert_close(g, e, f"{where}[{i}]")
-    elif isinstance(expected, float):
-        assert math.isclose(got, expected, rel_tol=1e-5, abs_tol=1e-7), f"{where}: {got} != {expected}"
     else:
         assert got == expected, f"{where}: {got!r} != {expected!r}"
 
@@ -62,6 +60,17 @@ def by_round_and_partition(records: list[dict]) -> dict:
     """Records keyed by what identifies them across runs (node ids are random per simulation)."""
     return {(r["type"], r["round"], r.get("partition-id")): {k: v for k, v in r.items() if k != "node_id"}
             for r in records}
+
+
+def assert_same_as_straight_run(records: list[dict], run_dir: Path, straight_run: Path) -> None:
+    """A resumed run's metrics equal the straight 3-round run's, and every adapter bit for bit."""
+    resumed, straight = by_round_and_partition(records), by_round_and_partition(read_records(straight_run))
+    assert set(resumed) == set(straight)
+    for key, record in straight.items():
+        assert_close(resumed[key], record, str(key))
+    for adapter in ("round-000", "round-001", "round-002", "round-003"):
+        assert (run_dir / "adapters" / adapter / "adapter_model.safetensors").read_bytes() == (
+            straight_run / "adapters" / adapter / "adapter_model.safetensors").read_bytes(), adapter
 
 
 def test_simulation_writes_the_run_directory(finished_run, tiny_policy_dir):
@@ -132,15 +141,13 @@ def test_resume_continues_exactly_as_a_run_that_never_stopped(finished_run, stra
     assert not (finished_run / "clients/0/round-003.safetensors").exists()
     assert (run_dir / "clients/0/round-003.safetensors").is_file()
 
-    # 2 rounds + resume for 1 = 3 rounds straight: every metric, and the final adapter.
-    resumed, straight = by_round_and_partition(records), by_round_and_partition(read_records(straight_run))
-    assert set(resumed) == set(straight)
-    for key, record in straight.items():
-        assert_close(resumed[key], record, str(key))
-    final = load_file(str(run_dir / "adapters/round-003/adapter_model.safetensors"))
-    expected = load_file(str(straight_run / "adapters/round-003/adapter_model.safetensors"))
-    for name, tensor in expected.items():
-        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-7)
+    # 2 rounds + resume for 1 = 3 rounds straight: every metric, and every adapter, bit for bit.
+    assert_same_as_straight_run(records, run_dir, straight_run)
+    for partition in ("0", "1"):  # and each client's state after round 3
+        final = load_file(str(run_dir / "clients" / partition / "round-003.safetensors"))
+        expected = load_file(str(straight_run / "clients" / partition / "round-003.safetensors"))
+        assert final.keys() == expected.keys()
+        assert all(torch.equal(final[k], expected[k]) for k in expected), partition
 
 
 def test_a_round_without_enough_replies_stops_cleanly_with_the_resume_command(finished_run, tmp_path, capsys):
@@ -188,6 +195,83 @@ def test_eval_scores_an_adapter(finished_run, tiny_policy_dir, tmp_path, capsys)
     assert math.isfinite(result["kl"])
     assert len(result["samples"]) == 3
     assert tiny_policy_dir in result["model"]  # the base model came from the run's config
+    # the settings used are in the JSON, and what came from the run is said, not silent
+    assert result["settings"]["max_new_tokens"] == 4 and result["settings"]["policy"] == tiny_policy_dir
+    assert result["settings_from_run"] == ["eval_fraction", "policy", "prompts", "temperature"]
+    printed = capsys.readouterr().out
+    assert f"settings from the adapter's run ({finished_run}): policy={tiny_policy_dir}" in printed
+
+
+def test_eval_of_a_copied_adapter_uses_its_config_and_writes_its_card(finished_run, tiny_policy_dir, tmp_path,
+                                                                      capsys):
+    import shutil
+
+    copy = tmp_path / "shared" / "adapter"
+    shutil.copytree(finished_run / "adapters/round-002", copy)
+    card = (copy / "README.md").read_text()
+    # firm train's own held-out before/after is in the final adapter's card already
+    assert "round 2 of 2" in card and "`firm eval` on 16 prompts x 2 samples" in card
+    assert json.loads((copy / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_policy_dir
+    code = main(["eval", "--adapter", str(copy), "--num-prompts", "2", "--max-new-tokens", "4",
+                 "--rewards", "relevance,civility", "--write-card"])
+    assert code == 0
+    assert f"base from the adapter's config and card: policy={tiny_policy_dir}" in capsys.readouterr().out
+    card = (copy / "README.md").read_text()
+    assert "`firm eval` on 2 prompts x 1 samples" in card and "16 prompts" not in card
+    assert "| reward relevance |" in card.split("## Held-out evaluation")[1]
+
+
+def test_help_shows_each_default_once(capsys):
+    for command in (["train"], ["eval"], ["compare"], ["pareto"], ["reward", "fit"], ["synthetic"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+        assert "(default: None)" not in text, command
+        assert "default: 3] (default" not in text, command
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("[default: 3]") == 1  # --num-rounds
+    assert "--preset {default,paper,simple-rewards} named set of settings [default: 'default']" in text
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[default: the adapter's run's, else 32]" in text  # --max-new-tokens
+
+
+def test_the_help_formatter_shows_a_zero_default_and_no_empty_one():
+    from firm.cli.flags import OneLineParser
+
+    parser = OneLineParser(prog="x")
+    parser.add_argument("--count", type=int, default=0, help="how many")
+    parser.add_argument("--item", action="append", default=[], help="one item")
+    parser.add_argument("--name", default="", help="a name")
+    text = " ".join(parser.format_help().split())
+    assert "how many [default: 0]" in text
+    assert "one item --name" in text and "a name" in text and text.count("[default") == 1
+
+
+def test_train_ends_with_a_paired_heldout_before_after(finished_run, capsys):
+    record = json.loads((finished_run / "heldout.json").read_text())
+    assert record["adapter"].endswith("round-002")
+    assert record["num_prompts"] == 16 and record["samples_per_prompt"] == 2
+    for name in ("relevance", "civility"):
+        gain = record["gains"][name]
+        assert gain["pairs"] == 32 and gain["prompts"] == 16
+        assert gain["ci_low"] <= gain["gain"] <= gain["ci_high"]
+        assert gain["base"] == pytest.approx(record["base"]["rewards"][name])
+        assert gain["adapter"] == pytest.approx(record["final"]["rewards"][name])
+    assert record["base"]["model"].endswith("(base)") and "round-002" in record["final"]["model"]
+    assert record["base"]["pairing"] == record["final"]["pairing"]
+    assert (finished_run / "plots" / "heldout.png").stat().st_size > 0
+
+
+def test_heldout_can_be_switched_off(tiny_policy_dir, tmp_path, capsys):
+    run_dir = tmp_path / "no-heldout"
+    assert main(["train", "--policy", tiny_policy_dir, "--run-dir", str(run_dir), *TINY, "--num-rounds", "1",
+                 "--heldout-prompts", "0"]) == 0
+    assert not (run_dir / "heldout.json").exists()
+    assert "held-out" not in capsys.readouterr().out
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -275,3 +359,85 @@ def test_resume_rejects_changed_settings_and_missing_dirs(finished_run, tmp_path
 def test_eval_rejects_a_directory_that_is_not_an_adapter(tmp_path, capsys):
     assert main(["eval", "--adapter", str(tmp_path)]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+KILL_AT_STATE_WRITE = """
+import os, signal, sys
+from firm.rundir import RunDir
+write_state = RunDir.write_state
+def killed(self, completed_rounds, **extra):
+    if completed_rounds == {round}:  # round {round}'s adapter, metrics and ledger are written; its state is not
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_state(self, completed_rounds, **extra)
+RunDir.write_state = killed
+from firm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_the_servers_round_writes_resumes_bit_for_bit(straight_run, tiny_policy_dir, tmp_path):
+    """SIGKILL of `firm train` itself after round 3's adapter, metrics and ledger are written and before
+    state.json says so; the resumed run redoes round 3 and ends exactly as the run that never stopped."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    run_dir = tmp_path / "killed"
+    work = tmp_path / "work"  # the killed run's processes (Ray's included) work here, so they are found
+    work.mkdir()
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", KILL_AT_STATE_WRITE.replace("{round}", "3"), "train", "--policy",
+               tiny_policy_dir, "--run-dir", str(run_dir), *TINY, "--num-rounds", "3"]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, timeout=900)
+    try:
+        assert result.returncode == -9, result.stderr.decode()[-2000:]
+        assert json.loads((run_dir / "state.json").read_text())["completed_rounds"] == 2
+        assert (run_dir / "adapters/round-003").is_dir()  # written before the kill
+        assert any(r["round"] == 3 for r in read_records(run_dir))
+    finally:  # the killed run's Ray processes: ours (they work in our folder), ended by their ids
+        for proc in psutil.process_iter(["cwd"]):
+            if proc.info["cwd"] and proc.info["cwd"].startswith(str(work)):
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+    assert main(["train", "--resume", str(run_dir)]) == 0
+
+    assert_same_as_straight_run(read_records(run_dir), run_dir, straight_run)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_r": 8}, "LoRA r is 8 but the run's adapter round-002 has 16"),
+    ({"lora_target_modules": "q_proj"}, "LoRA target_modules is ['q_proj'] but the run's adapter round-002 has"),
+    ({"rewards": "civility,relevance"}, "the objectives are ['civility', 'relevance'] but the run's rounds were "
+                                        "trained on ['relevance', 'civility']"),
+    ({"algorithm": "linear"}, "algorithm is 'linear' but the run's rounds were trained with 'firm'"),
+    ({"num_rounds": True}, "num_rounds expects a int, got True"),
+])
+def test_resume_refuses_a_config_json_that_no_longer_describes_the_run(finished_run, tmp_path, capsys, change,
+                                                                       message):
+    import shutil
+
+    run_dir = tmp_path / "edited"
+    shutil.copytree(finished_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, **change}))
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--num-rounds", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert snapshot(run_dir) == before
+
+
+def test_print_config_on_resume_prints_the_resumed_settings_and_writes_nothing(finished_run, capsys):
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(finished_run), "--num-rounds", "3", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_rounds"] == 3 and printed["rewards"] == "relevance,civility"
+    assert snapshot(finished_run) == before

@@ -458,3 +458,70 @@ def test_step_geometry_total_variation_and_spread_by_hand():
     assert geometry["lambda_step_spread"] == pytest.approx((0.1 + 0.1 + 0.0) / 3)
     assert geometry["gram_distance"] == pytest.approx((1.0 + 0.5 + 0.0 + 1.0 + 1.0) / 5)  # skipped step left out
     assert geometry["cosine"] == pytest.approx(1.5 / 5)
+
+
+def fake_evaluation(per_response: list[list[float]], samples: int, kl: float = 0.1) -> dict:
+    scores = np.asarray(per_response)
+    n = len(per_response)
+    return {"rewards": {"relevance": float(scores[:, 0].mean()), "civility": float(scores[:, 1].mean())},
+            "kl": kl, "response_tokens": 4.0, "num_prompts": n // samples, "samples_per_prompt": samples,
+            "pairing": {"seed": 1234, "num_prompts": n // samples, "samples_per_prompt": samples},
+            "per_response": {"prompt_index": [i // samples for i in range(n)], "rewards": scores.tolist(),
+                             "kl": [kl] * n}}
+
+
+def test_compare_reports_heldout_gains_over_the_untrained_policy_and_primary_comparisons(tmp_path: Path):
+    flags = ["--rewards", "relevance,civility", "--num-rounds", "3"]
+    seeds = range(6)
+    primary = "firm vs mgda: final_reward/relevance; firm vs mgda: lambda_drift"
+    argv = ["compare", "--out", str(tmp_path), "--algorithms", "firm,mgda", "--partitions", "iid",
+            "--seeds", ",".join(map(str, seeds)), "--reference-point", "0,0", "--eval-prompts", "3",
+            "--eval-samples", "2", "--primary", primary, "--", *flags]
+    args = harness_parser().parse_args(argv)
+    train = cli.train_settings(flags, ex.HARNESS_FLAGS_COMPARE)
+    base_scores = [[0.1 * i, -0.1 * i] for i in range(6)]  # 3 prompts x 2 samples
+    (tmp_path / ex.base_eval_path(tmp_path, 3, 2).name).write_text(json.dumps(fake_evaluation(base_scores, 2)))
+    for algorithm, lift in (("firm", 0.3), ("mgda", 0.1)):
+        for seed in seeds:
+            run = ex.plan_run(train, tmp_path.resolve() / "runs" / "iid" / algorithm / f"seed-{seed}", algorithm,
+                              algorithm, "iid", seed)
+            write_fake_run(run.run_dir, run.config, fake_rounds((0.5, 0.5), 0.5, 0.1 if algorithm == "firm" else 0.2))
+            tuned = [[r + lift + 0.01 * seed + 0.001 * i, c] for i, (r, c) in enumerate(base_scores)]
+            ex.eval_path(run, 3, 2).write_text(json.dumps(fake_evaluation(tuned, 2)))
+    assert args.handler(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    gains = results["heldout_gain"]["iid"]
+    # independent reference: the gain is the lift plus the seed offsets' mean plus the per-response offsets' mean
+    assert gains["firm"]["relevance"]["gain"] == pytest.approx(0.3 + 0.01 * np.mean(seeds) + 0.001 * 2.5)
+    assert gains["mgda"]["relevance"]["gain"] == pytest.approx(0.1 + 0.01 * np.mean(seeds) + 0.001 * 2.5)
+    assert gains["firm"]["civility"]["gain"] == pytest.approx(0.0)
+    assert gains["firm"]["relevance"]["ci_low"] > 0 and gains["firm"]["relevance"]["seeds"] == 6
+    run_entry = next(r for r in results["runs"] if r["group"] == "firm")
+    assert run_entry["heldout_gain"]["relevance"]["pairs"] == 6
+    # Holm over the two primary comparisons only: 6 seeds, all one sign: p = 2/64 each, Holm 0.0625
+    first, second = results["primary"]["iid"]
+    assert (first["metric"], first["a"], first["b"]) == ("final_reward/relevance", "firm", "mgda")
+    assert not first["exploratory"] and first["p_holm"] == pytest.approx(2 * 2 / 64)
+    assert first["margin"] == 0.02 and second["margin"] == 0.01
+    # every other comparison is exploratory (uncorrected), bytes are compared without a test
+    verdicts = results["verdicts"]["iid"]["mgda"]
+    assert verdicts["hypervolume"]["exploratory"] and verdicts["hypervolume"]["p_holm"] == verdicts["hypervolume"]["p"]
+    assert "by construction" in verdicts["bytes_up_per_client"]["reason"]
+    table = (tmp_path / "table.md").read_text()
+    assert "Held-out gain over the untrained policy" in table and "Primary comparisons" in table
+    assert "(6/6)" in table and "exploratory" in table
+
+
+def test_primary_comparisons_are_parsed_and_checked(tmp_path: Path):
+    assert cli.parse_primary("firm (beta=1) vs mgda: lambda_drift; firm vs linear: hypervolume") == (
+        ("firm (beta=1)", "mgda", "lambda_drift"), ("firm", "linear", "hypervolume"))
+    with pytest.raises(ex.ExperimentError, match="not 'A vs B: METRIC'"):
+        cli.parse_primary("firm mgda hypervolume")
+    with pytest.raises(ex.ExperimentError, match="at most 4"):
+        cli.parse_primary("; ".join(f"a vs b: m{i}" for i in range(5)))
+    args = harness_parser().parse_args(["compare", "--out", str(tmp_path), "--algorithms", "firm,mgda",
+                                        "--primary", "firm vs linear: hypervolume", "--",
+                                        "--rewards", "relevance,civility"])
+    with pytest.raises(ex.ExperimentError, match="linear, not among the planned groups"):
+        args.handler(args)
+    assert not (tmp_path / "runs").exists()

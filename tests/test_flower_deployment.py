@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flower_helpers import (NUM_NODES, SECURE_CONNECTION, ProcessTracker, assert_complete_run_dir,
+from flower_helpers import (NUM_NODES, SECURE_CONNECTION, TINY_RUN_CONFIG, ProcessTracker, assert_complete_run_dir,
                             assert_no_process_left, assert_refused, flower_env, free_port, list_supernodes,
                             log_tails, make_node_key, processes, processes_mentioning, public_key_base64_line,
-                            register_supernode, run_config_args, run_to_completion, skip_without_flower,
+                            register_supernode, run_config_args, run_to_completion, run_to_end, skip_without_flower,
                             start_secure_superlink, start_secure_supernode, tiny_policy_dir, wait_until_online,
                             write_flower_config)
 
@@ -100,8 +100,11 @@ def test_flwr_run_on_local_simulation(tmp_path: Path, tiny_policy_dir: Path, pro
     write_flower_config(flwr_home, {"local": {"address": ":local:"}})
     # `flwr` starts the managed local SuperLink on these ports (defaults 39091/39093, shared by
     # everyone on the machine): free ones keep this test off other users' SuperLinks.
+    # a local simulation's nodes have no node config: their process environment gives the consents
+    # to load the tiny policy the server names and to keep their state in its run directory
     env = flower_env(flwr_home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                     FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+                     FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+                     FIRM_NODE_ALLOW="allow-server-models,allow-server-run-dir")
     superlink_log = flwr_home / "local-superlink" / "superlink.log"
 
     try:
@@ -114,5 +117,34 @@ def test_flwr_run_on_local_simulation(tmp_path: Path, tiny_policy_dir: Path, pro
             processes.add(pid)
     assert processes.roots, "flwr run left no local SuperLink under the temporary FLWR_HOME to stop"
     assert_complete_run_dir(run_dir, tiny_policy_dir)
+    # Flower's log of the run: each round's rewards, KL and lambda, no dump of every setting
+    log = (tmp_path / "flwr-run.log").read_text(errors="replace")
+    assert "'reward/relevance'" in log and "'lambda/civility'" in log and "'kl'" in log, log_tails([tmp_path / "flwr-run.log"])
+    assert "FIRM settings, as in" in log and "kl_in_objectives" not in log
+    assert "FutureWarning" not in log
+    assert processes.stop() == []
+    assert_no_process_left(tmp_path)
+
+
+def test_flwr_run_with_a_bad_value_fails_the_run_with_one_line(tmp_path: Path, tiny_policy_dir: Path,
+                                                               processes: ProcessTracker) -> None:
+    """A bad run-config value stops the ServerApp before anything is written: one log line naming
+    the key, no traceback, and the run finishes as failed (its ServerApp exits non-zero)."""
+    flwr_home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
+    write_flower_config(flwr_home, {"local": {"address": ":local:"}})
+    env = flower_env(flwr_home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                     FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    try:
+        run = run_to_end("local", [*run_config_args(run_dir, tiny_policy_dir, f"{TINY_RUN_CONFIG} beta=-1.0"),
+                                   "--federation-config", f"num-supernodes={NUM_NODES}"], env, tmp_path)
+    finally:
+        for pid in processes_mentioning(str(flwr_home)):
+            processes.add(pid)
+    assert run["status"] == "finished:failed", run
+    log = (tmp_path / "flwr-run.log").read_text(errors="replace")
+    lines = [line for line in log.splitlines() if "run config: beta must be >= 0, got -1.0" in line]
+    assert len(lines) == 1 and "FIRM run refused: run config: beta must be >= 0, got -1.0" in lines[0], log
+    assert "Traceback" not in log
+    assert not run_dir.exists()
     assert processes.stop() == []
     assert_no_process_left(tmp_path)

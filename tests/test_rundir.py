@@ -228,7 +228,7 @@ def test_client_state_round_trips_exactly_through_the_run_directory(tmp_path):
 
     run = RunDir.create(tmp_path / "run", make_config())
     config = run.config()
-    directory = client_state_dir(config, {"partition-id": 1, "num-partitions": 2})
+    directory = client_state_dir(config, {"partition-id": 1, "num-partitions": 2, "allow-server-run-dir": "true"})
     assert directory == run.path / "clients" / "1"
     assert client_state_dir(config, {"partition-id": 1, "state-dir": str(tmp_path / "node")}) == tmp_path / "node"
     assert client_state_dir(FirmConfig(run_dir=str(tmp_path / "elsewhere")), {"partition-id": 1}) is None
@@ -404,3 +404,47 @@ def test_plot_run_writes_three_pngs(tmp_path):
         assert path.parent == run.plots_dir
         data = path.read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), path
+
+
+# ---- symbolic links: a run never follows one it did not make ---------------------------------------
+def test_create_refuses_a_symlinked_run_dir_and_never_overwrites_a_config(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    with pytest.raises(RunDirError, match="link is a symbolic link"):
+        RunDir.create(tmp_path / "link", make_config())
+    assert list(elsewhere.iterdir()) == []
+    # a config.json already there (a file, or a link to someone else's file) is never overwritten
+    victim = tmp_path / "victim.json"
+    victim.write_text("precious\n")
+    for name, make in (("file", lambda p: p.write_text("{}")), ("link", lambda p: p.symlink_to(victim))):
+        run = tmp_path / f"with-config-{name}"
+        run.mkdir()
+        make(run / "config.json")
+        with pytest.raises(RunDirError, match="already holds a run"):
+            RunDir.create(run, make_config())
+        assert not (run / "state.json").exists()
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "adapters", "plots", "clients/0", "server",
+                                   "adapters/round-001"])
+def test_open_refuses_a_run_dir_with_a_planted_link_where_it_writes(tmp_path, entry):
+    run = RunDir.create(tmp_path / "run", make_config())
+    target = tmp_path / "target"
+    target.mkdir()
+    (run.path / entry).parent.mkdir(parents=True, exist_ok=True)
+    (run.path / entry).symlink_to(target)
+    with pytest.raises(RunDirError, match=f"{entry} is a symbolic link"):
+        RunDir.open(run.path)
+    assert list(target.iterdir()) == []
+
+
+def test_metrics_are_never_appended_through_a_link(tmp_path):
+    run = RunDir.create(tmp_path / "run", make_config())
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (run.path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(OSError):
+        run.append_metrics([{"type": "round", "round": 1}])
+    assert victim.read_text() == "precious\n"

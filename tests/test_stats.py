@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from firm.stats import (bootstrap_interval, compare_table, holm, paired_differences, tost_p, verdict,
+from firm.stats import (bootstrap_interval, compare_table, holm, paired_differences, smallest_wilcoxon_p, tost_p, verdict,
                         wilcoxon_p)
 
 A = np.array([1.83, 0.50, 1.62, 2.48, 1.68, 1.88, 1.55, 3.06, 1.30])
@@ -98,3 +98,45 @@ def test_round_off_differences_count_as_identical():
     (c,) = compare_table([{"metric": "spread", "a": "x", "b": "y", "better": "lower",
                            "values_a": zeros_by_construction, "values_b": np.zeros(20)}], zero_tolerance=0.0)
     assert c.verdict != "equivalent" or "identical" not in c.reason
+
+
+def test_holm_corrects_over_the_primary_comparisons_only():
+    rng = np.random.default_rng(3)
+    rows = [{"metric": f"m{i}", "a": "x", "b": "y", "better": "higher", "values_a": rng.normal(1.0, 0.1, 8),
+             "values_b": rng.normal(0.0, 0.1, 8), "primary": i < 2, "margin": 0.01} for i in range(6)]
+    table = compare_table(rows)
+    raw = [c.p for c in table]
+    # independent reference: Holm by hand over the two primary p-values
+    first, second = sorted(range(2), key=raw.__getitem__)
+    expected = {first: 2 * raw[first], second: max(2 * raw[first], raw[second])}
+    for i, c in enumerate(table):
+        if i < 2:
+            assert not c.exploratory and c.p_holm == pytest.approx(min(expected[i], 1.0))
+        else:  # exploratory: uncorrected, and labelled
+            assert c.exploratory and c.p_holm == c.p and c.reason.startswith("exploratory")
+
+
+def test_an_absolute_margin_decides_equivalence():
+    a, b = np.full(8, 1.0) + np.linspace(-1e-3, 1e-3, 8), np.full(8, 1.0)
+    row = {"metric": "m", "a": "x", "b": "y", "better": "higher", "values_a": a, "values_b": b}
+    (inside,) = compare_table([{**row, "margin": 0.01}])
+    (outside,) = compare_table([{**row, "margin": 1e-5}])
+    assert inside.verdict == "equivalent" and inside.margin == 0.01
+    assert outside.verdict == "not separable"
+
+
+def test_a_deterministic_metric_needs_no_test():
+    row = {"metric": "bytes", "a": "firm", "b": "fsmgda", "better": "lower", "deterministic": True,
+           "values_a": [100.0, 100.0, 100.0], "values_b": [200.0, 200.0, 200.0]}
+    (c,) = compare_table([row])
+    assert c.verdict == "confirmed" and "by construction" in c.reason and c.mean_diff == -100
+    (same,) = compare_table([{**row, "values_b": [100.0] * 3}])
+    assert same.verdict == "equivalent"
+
+
+@pytest.mark.parametrize("n", [3, 5, 6, 8])
+def test_smallest_wilcoxon_p_is_what_scipy_gives_for_all_positive_differences(n):
+    from scipy import stats as scipy_stats
+    d = np.arange(1, n + 1, dtype=float)
+    assert smallest_wilcoxon_p(n) == pytest.approx(scipy_stats.wilcoxon(d).pvalue)
+    assert (smallest_wilcoxon_p(n) < 0.05) == (n >= 6)

@@ -69,7 +69,7 @@ def make_adapter(seed: int) -> dict[str, np.ndarray]:
 
 
 def make_metrics(lambda_mean: list[float], reward: float, kl: float, num_examples: int = 8, skipped: int = 0) -> dict:
-    """Every metric key an honest client sends (firm.trainer.summarize + the client app's two)."""
+    """Every metric key an honest client sends (firm.trainer.summarize + the client app's three)."""
     return {
         "reward/helpful": reward,
         "reward/harmless": -reward,
@@ -87,6 +87,7 @@ def make_metrics(lambda_mean: list[float], reward: float, kl: float, num_example
         "num-examples": num_examples,
         "partition-id": 0,
         "kl_coef": 0.05,
+        "preference": [0.5, 0.5],
         # per local step: 4 steps, the skipped ones first (zeros, not taken)
         "step_lambda": [0.0, 0.0] * skipped + list(lambda_mean) * (4 - skipped),
         "step_gram_distance": [0.5] * 4,
@@ -294,7 +295,9 @@ def test_aggregators_match_flowers_median_and_trimmed_mean_rules():
 @pytest.mark.parametrize("aggregator", ["median", "trimmed-mean"])
 def test_a_robust_aggregator_ignores_one_client_within_the_bound(aggregator):
     nodes = (11, 12, 13, 14)
-    strategy, results = make_strategy(nodes=nodes, num_clients=4, aggregator=aggregator)
+    # the aggregator's rule alone: the slow-poisoning defence (tests/test_defence.py) is off
+    strategy, results = make_strategy(nodes=nodes, num_clients=4, aggregator=aggregator, min_clients=3,
+                                      contribution_budget=0)
     replies = client_replies() + [reply(14, {k: GLOBAL[k] + 0.2 for k in TENSOR_SHAPES}, make_metrics([0.5, 0.5], 0, 0))]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert results[0].round_record["rejected"] == []  # within the bound, but it does not move the median
@@ -307,9 +310,13 @@ def test_a_robust_aggregator_ignores_one_client_within_the_bound(aggregator):
     assert l2({k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}, GLOBAL) < 0.1
 
 
-def test_trimmed_mean_that_cuts_nothing_is_a_config_error():
-    with pytest.raises(ConfigError, match="cuts no reply of 3 clients"):
-        make_config(aggregator="trimmed-mean", trim_fraction=0.2)
+def test_settings_that_make_a_robust_aggregator_a_plain_mean_are_config_errors():
+    with pytest.raises(ConfigError, match="trim_fraction 0 is a plain mean"):
+        make_config(aggregator="trimmed-mean", trim_fraction=0.0, min_clients=3)
+    for aggregator in ("median", "trimmed-mean"):  # a round of 1 or 2 replies would average them
+        with pytest.raises(ConfigError, match=f"aggregator {aggregator} needs min_clients >= 3"):
+            make_config(aggregator=aggregator, min_clients=2)
+    make_config(aggregator="trimmed-mean", trim_fraction=0.2, min_clients=3)  # cuts one of 3: the median
     with pytest.raises(ConfigError, match="aggregator must be one of"):
         make_config(aggregator="krum")
     with pytest.raises(ConfigError, match="min_clients must be between 1 and num_clients"):
@@ -339,7 +346,7 @@ ATTACKS = [
     # (name, node, adapter change, metric change, extra records, what the rejection reason says)
     ("adapter x 10^6", 12, _scaled, None, {}, "exceeds the bound 1 (max_update_norm)"),
     ("num-examples 10^9", 12, None, _with(**{"num-examples": 10**9}), {},
-     "num-examples must be a whole number from 1 to 8, got 1000000000"),
+     "metric num-examples is not finite or beyond +-1e+06 (1000000000)"),
     ("num-examples negative", 12, None, _with(**{"num-examples": -5}), {}, "num-examples must be a whole number"),
     ("num-examples zero", 12, None, _with(**{"num-examples": 0}), {}, "num-examples must be a whole number"),
     ("first reply with an extra metric key", 11, None, _with(evil=1.0), {},
@@ -352,9 +359,10 @@ ATTACKS = [
     ("NaN metric", 13, None, _with(kl=float("nan")), {}, "metric kl is not finite"),
     ("lambda_mean off the simplex", 12, None, _with(lambda_mean=[2.0, -1.0]), {}, "lambda_mean is not a probability vector"),
     ("a number where a list belongs", 12, None, _with(grad_cosine=0.1), {}, "grad_cosine must be a list of 1, got a number"),
-    ("skipped_steps 10^9", 12, None, _with(skipped_steps=10**9), {}, "skipped_steps must be a whole number from 0 to 6"),
+    ("skipped_steps 10^9", 12, None, _with(skipped_steps=10**9), {}, "metric skipped_steps is not finite or beyond +-1e+06"),
+    ("skipped_steps 7", 12, None, _with(skipped_steps=7), {}, "skipped_steps must be a whole number from 0 to 6"),
     ("float64 adapter", 12, lambda a: {k: v.astype(np.float64) for k, v in a.items()}, None, {},
-     "has dtype float64, expected float32"),
+     "declares shape (2, 3) and dtype float64, expected (2, 3) float32"),
     ("missing adapter tensor", 12, lambda a: {k: v for k, v in a.items() if k != "head.lora_A.weight"}, None, {},
      "missing ['head.lora_A.weight']"),
     ("unasked-for samples", 12, None, None, {"samples": ConfigRecord({"prompts": ["p"], "responses": ["r"]})},
@@ -411,17 +419,21 @@ def test_an_unreadable_reply_is_rejected_not_raised():
                          reply_to=instruction(12))
     strategy.aggregate_train(1, replies)
     [rejected] = results[0].round_record["rejected"]
-    assert rejected["node_id"] == 12 and rejected["reason"].startswith("unreadable reply")
+    assert rejected["node_id"] == 12 and "is not a .npy payload" in rejected["reason"]
 
 
-def test_a_second_reply_and_a_reply_from_a_node_not_sampled_are_rejected():
+@pytest.mark.parametrize("hostile_first", [True, False])
+def test_a_node_that_replies_twice_has_neither_reply_used_and_a_node_not_sampled_is_rejected(hostile_first):
     strategy, results = make_strategy(nodes=(11, 12))
-    replies = client_replies((11, 12)) + [reply(12, make_adapter(5), make_metrics([0.5, 0.5], 0, 0)),
-                                          reply(13, make_adapter(2), make_metrics([0.5, 0.5], 0, 0))]
-    strategy.aggregate_train(1, replies)
-    assert results[0].round_record["rejected"] == [{"node_id": 12, "reason": "a second reply this round"},
+    poisoned = reply(12, {k: GLOBAL[k] + 0.2 for k in TENSOR_SHAPES}, make_metrics([0.5, 0.5], 0, 0))
+    honest = client_replies((11, 12))
+    replies = ([honest[0], poisoned, honest[1]] if hostile_first else honest + [poisoned]) \
+        + [reply(13, make_adapter(2), make_metrics([0.5, 0.5], 0, 0))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert results[0].round_record["rejected"] == [{"node_id": 12, "reason": "sent 2 replies this round; none is used"},
                                                    {"node_id": 13, "reason": "node was not sampled"}]
-    assert [c["node_id"] for c in results[0].client_records] == [11, 12]
+    assert [c["node_id"] for c in results[0].client_records] == [11]
+    assert_adapter(arrays, expected_average([11]))
 
 
 # ---- failed and silent clients ----------------------------------------------------------------
@@ -463,7 +475,7 @@ def test_a_client_error_is_recorded_as_its_message_without_flowers_traceback():
     assert client_error_summary(flower_reason) == "state.safetensors cannot be read"
     assert client_error_summary("Traceback:\n  File x\nValueError: bad\n") == "ValueError: bad"
     assert client_error_summary("") == "no reason given"
-    assert len(client_error_summary("x" * 10_000)) == 500
+    assert len(client_error_summary("x" * 10_000)) == 200
 
 
 def test_fewer_usable_replies_than_min_clients_raise_round_failed_naming_nodes_and_reasons():
@@ -507,7 +519,8 @@ def test_reply_schema_comes_from_the_config_and_matches_what_clients_send():
                        lambdas=[np.array([0.3, 0.7])], cosines=[np.array([0.2])], policy_losses=[0.1],
                        value_losses=[0.2], approx_kls=[0.0], clipfracs=[0.0], steps=1, num_examples=8,
                        step_records=[StepRecord(np.array([0.3, 0.7]), np.array([0.8]), np.array([0.2]), 0.5, True)])
-    metrics = summarize(stats, ["relevance", "civility"]) | {"partition-id": 1, "kl_coef": 0.05}
+    metrics = summarize(stats, ["relevance", "civility"]) | {"partition-id": 1, "kl_coef": 0.05,
+                                                              "preference": [0.5, 0.5]}
     assert check_metrics(schema, metrics) is None
     fsmgda = reply_schema(make_config(algorithm="fsmgda"))
     assert fsmgda.max_steps == 2 * reply_schema(make_config()).max_steps  # one pass per objective
@@ -622,7 +635,7 @@ def test_a_submitted_run_dir_stays_inside_the_run_root(tmp_path):
 
 
 def test_a_node_decides_its_prompts_and_samples_not_the_server(tmp_path):
-    from firm.federation.node import NodePolicyError, client_shard, samples_allowed
+    from firm.federation.node_policy import NodePolicyError, client_shard, samples_allowed
 
     config = make_config(prompts=str(tmp_path / "secret.jsonl"), sample_responses=5)
     with pytest.raises(NodePolicyError, match="asks this node to read the local file"):

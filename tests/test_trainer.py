@@ -462,7 +462,7 @@ def test_run_local_update_keeps_critic_and_reward_stats_across_rounds(policy, ti
             return super().train_round(shard, rng)
 
     monkeypatch.setattr(client_app, "FirmLocalTrainer", SpyTrainer)
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2, "allow-server-models": "true"},
                       state=RecordDict(), run_config={})
     adapter0 = adapter_state(policy)
 
@@ -497,7 +497,7 @@ def test_run_local_update_for_fsmgda_packs_one_adapter_per_objective(policy, tin
     monkeypatch.setattr(client_app, "get_policy", lambda cfg: (policy, tiny_tokenizer))
     monkeypatch.setattr(client_app, "build_rewards", lambda specs, device: [LengthReward(), LetterEReward()])
     monkeypatch.setattr(client_app, "client_shard", lambda cfg, node_config: make_prompts())
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2},
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2, "allow-server-models": "true"},
                       state=RecordDict(), run_config={})
     start = adapter_state(policy)
 

@@ -62,7 +62,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SAMPLING_DTYPES = ("policy", "bfloat16")
 
 # Where `report_to` can send training curves besides metrics.jsonl (firm.tracking).
-REPORTERS = ("none", "tensorboard")
+REPORTERS = ("none", "tensorboard", "wandb")
 
 # How the server combines client adapters (FirmConfig.aggregator).
 AGGREGATORS = ("fedavg", "median", "trimmed-mean")
@@ -188,7 +188,9 @@ class FirmConfig:
     aggregator: str = "fedavg"
     """how the server combines the accepted client adapters: fedavg (equal-weight mean), median or trimmed-mean (coordinate-wise, Flower's FedMedian / FedTrimmedAvg rules); see AGGREGATORS"""
     trim_fraction: float = 0.25
-    """trimmed-mean: fraction of the replies cut from each end, per coordinate (0.25 cuts 1 of 4 clients at each end)"""
+    """trimmed-mean: fraction of the replies that arrived cut from each end, per coordinate, at least one (0.25 cuts 1 of 4 clients at each end)"""
+    contribution_budget: float = 2.0
+    """defence against slow poisoning: each node's running sum of deviations from the others' median update may reach this multiple of the distance a random walk of the rounds' median deviations reaches; beyond it the node's update is pulled back to the others' median (firm.federation.defence); 0 = off"""
     max_update_norm: float = 0.0
     """reject a reply whose adapter lies farther than this (L2) from the global adapter; 0 = auto: 2 x the largest step an honest AdamW client can take (learning_rate x local steps x sqrt(LoRA parameters))"""
     min_clients: int = 1
@@ -202,7 +204,11 @@ class FirmConfig:
     sample_responses: int = 0
     """prompt/response pairs each client sends per round into metrics.jsonl (off: prompts are private)"""
     report_to: str = "none"
-    """where curves go besides metrics.jsonl: none or tensorboard (RUN_DIR/tensorboard)"""
+    """where curves go besides metrics.jsonl: none, tensorboard (RUN_DIR/tensorboard) or wandb (Weights & Biases; WANDB_MODE=offline writes RUN_DIR/wandb with no network), comma-separated"""
+    heldout_prompts: int = 16
+    """`firm train` ends by scoring the untrained policy and the final adapter on this many held-out prompts (RUN_DIR/heldout.json, the paired gain with its interval; 0 = skip)"""
+    heldout_samples: int = 2
+    """responses sampled per held-out prompt for that before/after comparison"""
 
     # ---------------------------------------------------------------------------------------
     def reward_specs(self) -> list[str]:
@@ -248,6 +254,8 @@ class FirmConfig:
         for name in ("num_clients", "num_rounds", "rollout_batch_size", "rollouts_per_round", "max_new_tokens",
                      "ppo_epochs", "num_minibatches", "lora_r", "max_prompt_tokens", "kl_horizon"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.heldout_prompts >= 0, f"heldout_prompts must be >= 0, got {self.heldout_prompts}")
+        need(self.heldout_samples >= 1, f"heldout_samples must be >= 1, got {self.heldout_samples}")
         need(self.num_minibatches <= self.rollout_batch_size,
              f"num_minibatches ({self.num_minibatches}) cannot exceed rollout_batch_size ({self.rollout_batch_size})")
         for name in ("kl_coef", "learning_rate", "temperature", "max_grad_norm", "clip_range",
@@ -255,6 +263,12 @@ class FirmConfig:
             value = getattr(self, name)
             need(math.isfinite(value), f"{name} must be finite, got {value}")
             need(value >= 0, f"{name} must be >= 0, got {value}")
+        for f in fields(self):  # a Flower ConfigRecord carries 64-bit integers; the seeds also seed numpy
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                need(abs(value) < 2 ** 63, f"{f.name} is out of range, got {value}")
+        for name in ("seed", "partition_seed"):
+            need(0 <= getattr(self, name) < 2 ** 32, f"{name} must be from 0 to 2^32 - 1, got {getattr(self, name)}")
         need(self.sample_responses >= 0, f"sample_responses must be >= 0 (0 = off), got {self.sample_responses}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
@@ -262,22 +276,27 @@ class FirmConfig:
         need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.dirichlet_alpha > 0, f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
-        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+        need(re.fullmatch(r"auto|cpu|cuda(:\d{1,6})?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(all(r.strip() in REPORTERS for r in self.report_to.split(",")),
              f"report_to must be one of {REPORTERS} (comma-separated), got {self.report_to!r}")
         specs = self.reward_specs()
         need(len(specs) >= 2, f"FIRM needs at least 2 objectives (rewards), got {len(specs)}: {self.rewards!r}")
+        repeated = sorted({s for s in specs if specs.count(s) > 1})
+        need(not repeated, f"rewards names {', '.join(repeated)} more than once; every objective must be its own")
         need(len(self.target_modules()) >= 1, "lora_target_modules is empty")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
-        for name in ("trim_fraction", "max_update_norm", "round_timeout", "node_wait"):
+        for name in ("trim_fraction", "contribution_budget", "max_update_norm", "round_timeout", "node_wait"):
             value = getattr(self, name)
             need(math.isfinite(value), f"{name} must be finite, got {value}")
             need(value >= 0, f"{name} must be >= 0, got {value}")
         need(self.trim_fraction < 0.5, f"trim_fraction must be < 0.5, got {self.trim_fraction}")
-        need(self.aggregator != "trimmed-mean" or int(self.trim_fraction * self.num_clients) >= 1,
-             f"aggregator trimmed-mean with trim_fraction {self.trim_fraction} cuts no reply of {self.num_clients} "
-             "clients; raise trim_fraction or use fedavg")
+        need(self.aggregator != "trimmed-mean" or self.trim_fraction > 0,
+             "aggregator trimmed-mean with trim_fraction 0 is a plain mean; use fedavg or a trim_fraction > 0")
+        # A median or trimmed mean of one or two replies is their mean: a round must have a majority.
+        need(self.aggregator == "fedavg" or self.min_clients >= 3,
+             f"aggregator {self.aggregator} needs min_clients >= 3 (of fewer replies it is a plain mean), "
+             f"got {self.min_clients}")
         need(self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}")
         need(1 <= self.min_clients <= self.num_clients,
              f"min_clients must be between 1 and num_clients ({self.num_clients}), got {self.min_clients}")
@@ -329,24 +348,34 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return None
         kind = kind.removesuffix("|None")
     try:
+        # A value of another JSON type is a mistake, not a value to convert: true is not 1 round,
+        # 5 is not a policy name (strings are converted: they are how flags arrive).
         if kind == "bool":
             if isinstance(value, str):
                 lowered = value.strip().lower()
                 if lowered not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return lowered in ("true", "1", "yes")
-            return bool(value)
+            if not isinstance(value, bool):
+                raise TypeError(value)
+            return value
         if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError(value)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
         if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError(value)
             return float(value)
         if kind == "tuple[float,...]":
             parts = value.split(",") if isinstance(value, str) else list(value)
             return tuple(float(x) for x in parts if str(x).strip())
-        return str(value)
-    except (TypeError, ValueError):
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{f.name} expects a {kind}, got {value!r}") from None
 
 
@@ -376,12 +405,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> FirmConfig:
+DEFAULT_PRESET = "default"
+
+
+def build_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> FirmConfig:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = {**PRESETS[preset], **(overrides or {})}
     return FirmConfig.from_dict(values).validate()
 
 
-__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "EVAL_SEED", "FirmConfig", "ConfigError", "PRESETS",
-           "build_config", "coerce"]
+__all__ = ["Algorithm", "ALGORITHMS", "AGGREGATORS", "DEFAULT_PRESET", "EVAL_SEED", "FirmConfig", "ConfigError",
+           "PRESETS", "build_config", "coerce"]

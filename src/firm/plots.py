@@ -41,11 +41,17 @@ def reward_names(records: list[dict]) -> list[str]:
     return []
 
 
-def plot_rewards(rounds: list[dict], clients: list[dict], names: list[str], path: Path) -> None:
+# The run's kl metric is the k1 estimate: the sum over response tokens of log pi - log pi_ref at
+# the sampled tokens. Unbiased for KL(pi || pi_ref) >= 0, but a single batch's value can be < 0.
+KL_TITLE = "KL to the reference (k1 estimate)"
+KL_AXIS_LABEL = "nats per response: sum of log p - log p_ref\n(k1, unbiased; one batch can be < 0)"
+
+
+def rewards_figure(rounds: list[dict], clients: list[dict], names: list[str]):
     """One panel per objective's reward, then the KL to the reference and the response length
     beside them (a reward that rises with the length or the KL says what it bought)."""
     panels = [(f"reward/{n}", f"reward: {n}", "mean raw reward of sampled responses") for n in names]
-    panels += [("kl", "KL to the reference", "nats per response"), ("response_tokens", "response length", "tokens")]
+    panels += [("kl", KL_TITLE, KL_AXIS_LABEL), ("response_tokens", "response length", "tokens")]
     panels = [panel for panel in panels if any(panel[0] in c for c in clients)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
     per_client: dict[int, list[dict]] = defaultdict(list)
@@ -63,31 +69,58 @@ def plot_rewards(rounds: list[dict], clients: list[dict], names: list[str], path
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel, fontsize=8 if key == "kl" else None)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    save_figure(fig, path, dpi=110)
+    return fig
 
 
-def plot_lambdas(clients: list[dict], names: list[str], path: Path) -> None:
-    """lambda per client per round; one panel per objective (for two objectives the second
-    panel is 1 - the first, so only the first is drawn)."""
+def plot_rewards(rounds: list[dict], clients: list[dict], names: list[str], path: Path) -> None:
+    save_figure(rewards_figure(rounds, clients, names), path, dpi=110)
+
+
+def client_preferences(clients: list[dict], server_preference: Sequence[float]) -> dict[int, list[float]]:
+    """The preference p each client solved its weights toward: its own (a node-config
+    preference, recorded in its records) or else the server's."""
+    out: dict[int, list[float]] = {}
+    for c in sorted(clients, key=lambda r: r["round"]):
+        out[c["partition-id"]] = list(c.get("preference") or server_preference)
+    return out
+
+
+def lambda_figure(clients: list[dict], names: list[str], server_preference: Sequence[float]):
+    """lambda per client per round, one panel per objective (for two objectives the second
+    panel is 1 - the first, so only the first is drawn), with the preference p it is pulled
+    toward as a dashed line: one for the federation, or one per client when clients state their own."""
     shown = names[:1] if len(names) == 2 else names
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.6), squeeze=False)
     per_client: dict[int, list[dict]] = defaultdict(list)
     for c in clients:
         per_client[c["partition-id"]].append(c)
+    preferences = client_preferences(clients, server_preference)
+    shared = len({tuple(p) for p in preferences.values()}) <= 1
     for m, (ax, name) in enumerate(zip(axes[0], shown)):
         for pid, recs in sorted(per_client.items()):
             recs = sorted(recs, key=lambda r: r["round"])
-            ax.plot([r["round"] for r in recs], [r["lambda_mean"][m] for r in recs], marker="o", label=f"client {pid}")
+            (line,) = ax.plot([r["round"] for r in recs], [r["lambda_mean"][m] for r in recs], marker="o",
+                              label=f"client {pid}")
+            if not shared:
+                ax.axhline(preferences[pid][m], color=line.get_color(), ls="--", lw=1,
+                           label=f"p client {pid} = {preferences[pid][m]:g}")
+        if shared:
+            p = next(iter(preferences.values()), list(server_preference))[m]
+            ax.axhline(p, color="black", ls="--", lw=1, label=f"p = {p:g}")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"lambda[{name}] per client (mean over steps)")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    save_figure(fig, path, dpi=110)
+    return fig
+
+
+def plot_lambdas(clients: list[dict], names: list[str], path: Path, server_preference: Sequence[float]) -> None:
+    save_figure(lambda_figure(clients, names, server_preference), path, dpi=110)
 
 
 def plot_drift(rounds: list[dict], names: list[str], path: Path) -> None:
@@ -118,9 +151,31 @@ def plot_run(run: RunDir) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "rewards.png", out / "lambda.png", out / "drift.png"]
     plot_rewards(rounds, clients, names, paths[0])
-    plot_lambdas(clients, names, paths[1])
+    plot_lambdas(clients, names, paths[1], run.config().preference_vector())
     plot_drift(rounds, names, paths[2])
     return paths
+
+
+def plot_heldout(gains: dict[str, dict[str, float]], num_prompts: int, samples: int, path: Path) -> Path:
+    """Held-out reward per objective, untrained policy beside the final adapter, with the paired
+    gain and its 95% interval written above each pair (firm.heldout)."""
+    names = list(gains)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.8 * len(names), 3.6))
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.18, [gains[n]["base"] for n in names], width=0.36, label="untrained policy", color="tab:gray")
+    ax.bar(xs + 0.18, [gains[n]["adapter"] for n in names], width=0.36, label="final adapter", color="tab:blue")
+    top = max(max(gains[n]["base"], gains[n]["adapter"]) for n in names)
+    for x, n in zip(xs, names):
+        g = gains[n]
+        ax.annotate(f"{g['gain']:+.3f}\n[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", (x, top), ha="center",
+                    va="bottom", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("mean reward (held-out)")
+    ax.set_title(f"held-out: {num_prompts} prompts x {samples} samples, paired gain [95% CI]", fontsize=9)
+    ax.margins(y=0.35)
+    ax.legend(fontsize=8, loc="lower right")
+    return save_figure(fig, path, dpi=110)
 
 
 # ---- experiments ----------------------------------------------------------------------------

@@ -9,11 +9,15 @@ Layout::
     RUN_DIR/plots/*.png
 
     RUN_DIR/clients/<partition-id>/      each simulated client's own state (firm.federation.client_state)
+    RUN_DIR/server/                      the server's slow-poisoning ledger (firm.federation.defence)
 
 Every file but the metrics log is written atomically (temp file + fsync + os.replace), so an
 interrupted run never leaves a half-written adapter, config or state behind. The metrics log is
 appended one whole write per round, fsynced; a resumed run moves a torn last line (a crash in
 the middle of that write) to metrics.jsonl.torn and drops the metrics of unfinished rounds.
+
+A run never follows a symbolic link it did not make: creating or opening a run directory that is
+a link, or holds one where the run writes, is refused (a planted link would redirect its writes).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from firm.config import ConfigError, FirmConfig
 from firm.errors import FirmError
@@ -39,6 +43,9 @@ PLOTS_DIR = "plots"
 CLIENTS_DIR = "clients"
 # Records about a round's attempt (who failed and why) rather than its results: resume keeps them.
 ATTEMPT_RECORD_TYPES = ("round-failed",)
+# What a run writes inside its directory (folders: also their entries): none may be a symbolic link.
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, METRICS_FILE + TORN_SUFFIX, STATE_FILE, ADAPTERS_DIR, PLOTS_DIR,
+               CLIENTS_DIR, "server", "tensorboard", "heldout.json")
 
 
 def default_run_dir(preset: str) -> str:
@@ -81,8 +88,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def append_whole(path: Path, data: bytes) -> None:
-    """Append ``data`` with O_APPEND writes (one, unless the kernel writes less) and fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append ``data`` with O_APPEND writes (one, unless the kernel writes less) and fsync; never
+    through a symbolic link (O_NOFOLLOW)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -121,18 +129,41 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def planted_links(path: Path) -> list[Path]:
+    """Symbolic links where a run directory writes: the directory itself, its entries and the
+    entries of its folders (RUN_ENTRIES). A run never makes one, so each was put there by someone else."""
+    if path.is_symlink():
+        return [path]
+    found = []
+    for name in RUN_ENTRIES:
+        entry = path / name
+        if entry.is_symlink():
+            found.append(entry)
+        elif entry.is_dir():
+            found += [p for p in entry.rglob("*") if p.is_symlink()]
+    return found
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def refuse_links(self) -> None:
+        links = planted_links(self.path)
+        if links:
+            raise RunDirError(f"{links[0]} is a symbolic link; a run directory writes only into files and folders it "
+                              "made (move the link away)")
 
     # ---- creation and resume ------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, config: FirmConfig) -> "RunDir":
         run = cls(path)
-        if (run.path / STATE_FILE).exists() or (run.path / METRICS_FILE).exists():
+        if any((run.path / name).exists() or (run.path / name).is_symlink()
+               for name in (STATE_FILE, METRICS_FILE, CONFIG_FILE)):
             raise RunDirError(f"{run.path} already holds a run; use --resume {run.path} or another --run-dir")
         if run.path.exists() and not run.path.is_dir():
             raise RunDirError(f"run directory {run.path} is a file, not a folder")
+        run.refuse_links()
         try:
             run.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -147,6 +178,7 @@ class RunDir:
         run = cls(path)
         if not run.path.is_dir():
             raise RunDirError(f"run directory {run.path} does not exist")
+        run.refuse_links()
         for name in (CONFIG_FILE, STATE_FILE):
             if not (run.path / name).is_file():
                 raise RunDirError(f"{run.path} is not a FIRM run directory: {name} is missing")
@@ -231,14 +263,17 @@ class RunDir:
     def adapter_dir(self, round_number: int) -> Path:
         return self.path / ADAPTERS_DIR / f"round-{round_number:03d}"
 
-    def save_adapter(self, round_number: int, peft_model) -> Path:
-        """Write the peft adapter of a round atomically (temp dir + rename)."""
+    def save_adapter(self, round_number: int, peft_model, finish: Callable[[Path], None] | None = None) -> Path:
+        """Write the peft adapter of a round atomically (temp dir + rename); ``finish`` edits the
+        saved folder before it takes the round's name (the model card, the portable base name)."""
         target = self.adapter_dir(round_number)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         trash = target.with_name(f".{target.name}.old")
         try:
             peft_model.save_pretrained(tmp)
+            if finish is not None:
+                finish(tmp)
             tmp.chmod(0o755)
             if target.exists():  # a resumed round being redone: move the old one aside first
                 if trash.exists():

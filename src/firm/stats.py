@@ -4,7 +4,11 @@ Every algorithm in `firm synthetic` (and in `firm compare` / `firm pareto`) runs
 seeds: the same problem, partition and random numbers. So the unit of comparison is the seed,
 and the right statistics are paired: per-seed differences ``a_s - b_s``, a paired bootstrap
 interval of their mean, a Wilcoxon signed-rank test, Holm's correction over the comparisons of
-one table, and two one-sided tests (TOST) for equivalence within a relative margin.
+one table's *primary* comparisons, and two one-sided tests (TOST) for equivalence within a
+margin fixed before the run (absolute, per metric; a relative margin for the synthetic grid).
+Comparisons not named primary are exploratory: their p-values are not corrected and the table
+labels them so. A metric that is deterministic (bytes sent) needs no test: the same difference
+on every seed is reported as it is.
 
 ``verdict`` turns them into one word: confirmed / refuted / equivalent / not separable, with a
 reason. Identical algorithms (every difference exactly zero) are handled explicitly: they are
@@ -103,6 +107,8 @@ class Comparison:
     p_equivalence: float
     verdict: str
     reason: str
+    exploratory: bool = False
+    """not one of the comparisons named before the run: p is uncorrected, the verdict a lead"""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,15 +145,38 @@ ZERO_TOLERANCE = 1e-12
 both algorithms (the spread of identical clients' lambda) comes out as +-1e-18, not as 0."""
 
 
+def smallest_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p an exact Wilcoxon signed-rank test can give with n pairs (every
+    difference of one sign): 2 / 2^n. Below n = 6 it is above 0.05: nothing can be confirmed."""
+    return min(1.0, 2.0 / 2 ** n)
+
+
+def deterministic_comparison(row: dict, d: np.ndarray, va: np.ndarray, vb: np.ndarray) -> Comparison:
+    """A metric fixed by construction (the same difference on every seed): no test, the
+    difference itself decides."""
+    diff = float(d[0])
+    if diff == 0:
+        word, reason = "equivalent", "equal by construction (deterministic metric, no test needed)"
+    else:
+        improves = (diff < 0) == (row["better"] == "lower")
+        word = "confirmed" if improves else "refuted"
+        reason = f"{diff:+.6g} on every seed by construction (deterministic metric, no test needed)"
+    return Comparison(row["metric"], row["a"], row["b"], row["better"], int(d.size), float(va.mean()),
+                      float(vb.mean()), diff, diff, diff, 0.0 if diff else 1.0, 0.0 if diff else 1.0, 0.0,
+                      1.0 if diff else 0.0, word, reason, not row.get("primary", True))
+
+
 def compare_table(rows: Sequence[dict], relative_margin: float = 0.05, alpha: float = 0.05,
                   resamples: int = 10_000, seed: int = 0, zero_tolerance: float = ZERO_TOLERANCE
                   ) -> list[Comparison]:
-    """Paired comparisons of one table, Holm-corrected together.
+    """Paired comparisons of one table; Holm's correction over its primary comparisons only.
 
     Each row: ``metric``, ``a`` and ``b`` (names), ``values_a`` and ``values_b`` (per seed, same
-    seed order) and ``better`` ('lower' / 'higher'). The equivalence margin is
-    ``relative_margin`` times the baseline's mean absolute value (the larger mean when the
-    baseline's is 0). Differences all within ``zero_tolerance`` count as identical.
+    seed order) and ``better`` ('lower' / 'higher'); optionally ``margin`` (the equivalence
+    margin in the metric's own units, fixed before the run; without it ``relative_margin``
+    times the baseline's mean absolute value), ``primary`` (default True; False = exploratory:
+    uncorrected p, labelled) and ``deterministic`` (no test: see deterministic_comparison).
+    Differences all within ``zero_tolerance`` count as identical.
     """
     prepared = []
     for row in rows:
@@ -155,20 +184,33 @@ def compare_table(rows: Sequence[dict], relative_margin: float = 0.05, alpha: fl
         d = paired_differences(va, vb)
         if np.all(np.abs(d) <= zero_tolerance):
             d = np.zeros_like(d)
-        scale = float(np.mean(np.abs(vb))) or max(float(np.mean(np.abs(va))), 0.0)
-        prepared.append((row, va, vb, d, relative_margin * scale, wilcoxon_p(d)))
-    adjusted = holm([item[5] for item in prepared])
+        if "margin" in row:
+            margin = float(row["margin"])
+        else:
+            scale = float(np.mean(np.abs(vb))) or max(float(np.mean(np.abs(va))), 0.0)
+            margin = relative_margin * scale
+        prepared.append((row, va, vb, d, margin, wilcoxon_p(d)))
+    tested = [i for i, item in enumerate(prepared) if not item[0].get("deterministic")]
+    primary = [i for i in tested if prepared[i][0].get("primary", True)]
+    adjusted = dict(zip(primary, holm([prepared[i][5] for i in primary])))
     out = []
-    for (row, va, vb, d, margin, p), p_adj in zip(prepared, adjusted):
+    for i, (row, va, vb, d, margin, p) in enumerate(prepared):
+        if row.get("deterministic") and not np.any(d != d[0]):
+            out.append(deterministic_comparison(row, d, va, vb))
+            continue
+        exploratory = i not in adjusted
+        p_adj = float(adjusted.get(i, p))
         ci = bootstrap_interval(d, resamples=resamples, seed=seed)
         identical = not np.any(d)
         p_eq = tost_p(d, margin)
-        word, reason = verdict(float(d.mean()), ci, float(p_adj), p_eq, row["better"], identical, alpha)
+        word, reason = verdict(float(d.mean()), ci, p_adj, p_eq, row["better"], identical, alpha)
+        if exploratory:
+            reason = "exploratory, uncorrected: " + reason.replace("Holm p", "p")
         out.append(Comparison(row["metric"], row["a"], row["b"], row["better"], int(d.size), float(va.mean()),
-                              float(vb.mean()), float(d.mean()), ci[0], ci[1], p, float(p_adj), margin, p_eq,
-                              word, reason))
+                              float(vb.mean()), float(d.mean()), ci[0], ci[1], p, p_adj, margin, p_eq,
+                              word, reason, exploratory))
     return out
 
 
-__all__ = ["VERDICTS", "Comparison", "bootstrap_interval", "compare_table", "holm", "paired_differences",
-           "tost_p", "verdict", "wilcoxon_p", "ZERO_TOLERANCE"]
+__all__ = ["VERDICTS", "Comparison", "bootstrap_interval", "compare_table", "deterministic_comparison", "holm",
+           "paired_differences", "smallest_wilcoxon_p", "tost_p", "verdict", "wilcoxon_p", "ZERO_TOLERANCE"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -144,6 +144,10 @@ def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], r
     return torch.stack([r.score(list(prompts), responses).float().to(device) for r in rewards], dim=-1)
 
 
+def ignore_progress(phase: str) -> None:
+    """The trainer's progress callback when nobody watches."""
+
+
 class FirmLocalTrainer:
     """Holds one client's model, critic, reward models and optimiser state for a round."""
 
@@ -187,6 +191,8 @@ class FirmLocalTrainer:
         self.sampler = (sampler or BFloat16Sampler(policy)) if config.sampling_dtype == "bfloat16" else None
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Told "rollout" after each rollout and "update" after each local step (firm.progress).
+        self.progress: Callable[[str], None] = ignore_progress
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": self.lora_params}, {"params": list(self.value_head.parameters())}]
@@ -370,6 +376,7 @@ class FirmLocalTrainer:
         stats.num_examples += len(batch)
         stats.samples.extend(zip([p.text for p in batch], rollout.responses))
         self.kl_controller.update(float(seq_kl.mean()), len(batch))
+        self.progress("rollout")
         return rollout, advantages, returns
 
     def ppo_epochs(self, rollout: Rollout, advantages, returns, stats: RoundStats, seed: int) -> None:
@@ -379,6 +386,7 @@ class FirmLocalTrainer:
             order = torch.randperm(n, generator=generator).to(rollout.input_ids.device)
             for minibatch in minibatch_slices(n, self.config.num_minibatches):
                 self.firm_step(rollout, order[minibatch], advantages, returns, stats)
+                self.progress("update")
 
     def train_round(self, shard: Sequence[Prompt], rng: random.Random) -> RoundStats:
         """FIRM (and the mgda / linear ablations): rollout, PPO epochs, repeat."""

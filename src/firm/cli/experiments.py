@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from firm.api import config_file_values
 from firm.cli.flags import OneLineParser, UsageError, check_output_folder
 from firm.cli.train import add_train_arguments, config_overrides
-from firm.config import ALGORITHMS, PARTITIONS
+from firm.config import ALGORITHMS, DEFAULT_PRESET, PARTITIONS
 from firm.experiments import (HARNESS_FLAGS_COMPARE, HARNESS_FLAGS_PARETO, MIN_SEEDS_FOR_CLAIMS, ExperimentError,
                               ExperimentOptions, TrainSettings, default_preferences, expected_config, run_compare,
                               run_pareto)
@@ -31,19 +32,24 @@ def add_parser(subparsers) -> None:
     """Register `compare` and `pareto` on the `firm` command's subparsers."""
     compare = subparsers.add_parser(
         "compare", help="run algorithms side by side on the same data, partitions and seeds; table + plots",
-        epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG)
     compare.add_argument("--out", required=True, help="experiment directory (runs/, table.md, results.json, plots)")
     compare.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated algorithms")
     compare.add_argument("--partitions", default=",".join(PARTITIONS), help="comma-separated prompt partitions")
     compare.add_argument("--betas", default="",
                          help="comma-separated beta values; each beta-dependent algorithm (firm) runs at each, as "
                               "its own group, the first one the reference ('' = the beta of the train flags)")
+    compare.add_argument("--primary", default="",
+                         help="the comparisons named before the run, ';'-separated 'A vs B: METRIC' (groups as the "
+                              "table names them, e.g. 'firm (beta=1) vs mgda: lambda_drift; firm (beta=0.01) vs linear: "
+                              "hypervolume'); Holm's correction runs over these only, every other comparison is "
+                              "labelled exploratory ('' = every comparison of the table is one family)")
     add_common_options(compare)
     compare.set_defaults(handler=compare_command)
 
     pareto = subparsers.add_parser(
         "pareto", help="sweep preference vectors for firm and linear; front, hypervolume, rank correlation",
-        epilog=EPILOG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EPILOG)
     pareto.add_argument("--out", required=True, help="experiment directory (runs/, table.md, results.json, plots)")
     pareto.add_argument("--algorithms", default="firm,linear", help="comma-separated algorithms")
     pareto.add_argument("--preferences", default="",
@@ -136,6 +142,25 @@ def parse_preferences(text: str, num_objectives: int) -> list[tuple[float, ...]]
     return vectors
 
 
+def parse_primary(text: str) -> tuple[tuple[str, str, str], ...]:
+    """'A vs B: METRIC; ...' -> ((A, B, METRIC), ...)."""
+    comparisons = []
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        pair, colon, metric = item.partition(":")
+        a, vs, b = pair.partition(" vs ")
+        if not colon or not vs or not a.strip() or not b.strip() or not metric.strip():
+            raise ExperimentError(f"--primary: {item.strip()!r} is not 'A vs B: METRIC'")
+        comparisons.append((a.strip(), b.strip(), metric.strip()))
+    if len(comparisons) > 4:
+        raise ExperimentError(f"--primary names {len(comparisons)} comparisons; at most 4 keep the correction "
+                              "meaningful (the rest are exploratory anyway)")
+    if len(set(comparisons)) != len(comparisons):
+        raise ExperimentError(f"--primary names a comparison twice: {text!r}")
+    return tuple(comparisons)
+
+
 def parse_reference_point(text: str, num_objectives: int) -> list[float] | None:
     if not text.strip():
         return None
@@ -172,7 +197,8 @@ def parse_train_flags(flags: Sequence[str], owned: Sequence[str]) -> argparse.Na
 def train_settings(flags: Sequence[str], owned: Sequence[str]) -> TrainSettings:
     """The flags after `--` as the harness uses them: preset, settings overridden, the flags."""
     namespace = parse_train_flags(flags, owned)
-    return TrainSettings(namespace.preset, config_overrides(namespace), tuple(flags))
+    from_file = config_file_values(namespace.config) if namespace.config else {}
+    return TrainSettings(namespace.preset or DEFAULT_PRESET, {**from_file, **config_overrides(namespace)}, tuple(flags))
 
 
 def num_objectives(train: TrainSettings) -> int:
@@ -191,7 +217,8 @@ def experiment_options(experiment: str, args: argparse.Namespace, seeds: list[in
                        reference_point: list[float] | None) -> ExperimentOptions:
     return ExperimentOptions(out=Path(args.out).resolve(), seeds=seeds, train=train, reference_point=reference_point,
                              eval_prompts=args.eval_prompts, eval_samples=args.eval_samples, dry_run=args.dry_run,
-                             command=canonical_command(experiment, args))
+                             command=canonical_command(experiment, args),
+                             primary=parse_primary(getattr(args, "primary", "")))
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -226,4 +253,4 @@ def pareto_command(args: argparse.Namespace) -> int:
 
 
 __all__ = ["add_parser", "compare_command", "pareto_command", "parse_betas", "parse_names", "parse_preferences",
-           "parse_reference_point", "parse_seeds", "parse_train_flags", "train_settings"]
+           "parse_primary", "parse_reference_point", "parse_seeds", "parse_train_flags", "train_settings"]

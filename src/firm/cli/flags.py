@@ -15,7 +15,7 @@ import inspect
 import os
 import textwrap
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Mapping
 
 from firm.config import ConfigError, coerce
 from firm.errors import FirmError
@@ -38,10 +38,36 @@ class UsageError(FirmError):
     """A command line argparse cannot read (an unknown flag, a missing value, a bad choice)."""
 
 
+class DefaultOnceFormatter(argparse.HelpFormatter):
+    """Help that shows each flag's default once: ``[default: X]`` appended where the help text
+    does not state a default itself and there is one to show (argparse's own
+    ArgumentDefaultsHelpFormatter adds "(default: None)" even after a generated "[default: 3]")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == argparse.SUPPRESS or default in ("", [], ())
+        if "default" in text.lower() or nothing or not action.option_strings \
+                or isinstance(action, argparse._StoreTrueAction):
+            return text
+        return f"{text} [default: {default_text(action.default)}]"
+
+
+def default_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that raises UsageError instead of printing the usage block and exiting, so a bad
     command line is one line and exit code 2 like every other input error. Its subparsers are of
-    the same class (argparse's default parser_class is the parent's type)."""
+    the same class (argparse's default parser_class is the parent's type), and each shows every
+    default once (DefaultOnceFormatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", DefaultOnceFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -76,17 +102,20 @@ def _metavar(f: dataclasses.Field) -> str:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
-                        skip: Collection[str] = ()) -> None:
-    """One flag per field of ``cls`` (except ``skip``), in an argument group called ``title``."""
+                        skip: Collection[str] = (), default_notes: Mapping[str, str] | None = None) -> None:
+    """One flag per field of ``cls`` (except ``skip``), in an argument group called ``title``.
+    ``default_notes`` words a field's default where it is not simply the field's (``{shown}``
+    stands for the field's default)."""
     docs = field_docs(cls)
+    notes = default_notes or {}
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        default = _default(f)
-        shown = ",".join(f"{v:g}" for v in default) if isinstance(default, tuple) else repr(default)
+        shown = default_text(_default(f))
+        note = notes.get(f.name, "{shown}").format(shown=shown)
         group.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=_metavar(f),
-                           help=f"{docs.get(f.name, '')} [default: {shown}]")
+                           help=f"{docs.get(f.name, '')} [default: {note}]")
 
 
 def dataclass_overrides(args: argparse.Namespace, cls: type, skip: Collection[str] = ()) -> dict[str, Any]:

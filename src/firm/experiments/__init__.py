@@ -23,12 +23,12 @@ from firm.experiments.metrics import (REFERENCE_MARGIN_FRACTION, RunResult, Stat
                                       summarize_run, update_cosine)
 from firm.experiments.pareto import MIN_PREFERENCES, default_preferences, order_follows, pareto_tables, run_pareto
 from firm.experiments.plan import (HARNESS_FLAGS_COMPARE, HARNESS_FLAGS_PARETO, MIN_SEEDS_FOR_CLAIMS,
-                                   ExperimentError, ExperimentOptions, PlannedRun, TrainSettings, expected_config,
-                                   plan_compare, plan_pareto, plan_run, run_status)
+                                   ExperimentError, ExperimentOptions, PlannedRun, TrainSettings, base_eval_path,
+                                   eval_path, expected_config, plan_compare, plan_pareto, plan_run, run_status)
 
 __all__ = ["ExperimentError", "ExperimentOptions", "Failure", "HARNESS_FLAGS_COMPARE", "HARNESS_FLAGS_PARETO",
            "MIN_PREFERENCES", "MIN_SEEDS_FOR_CLAIMS", "PlannedRun", "REFERENCE_MARGIN_FRACTION", "RunResult", "Stat",
-           "TrainSettings", "aggregate", "client_update_cosine", "compare_tables", "default_preferences", "eval_command",
+           "TrainSettings", "aggregate", "base_eval_path", "eval_path", "client_update_cosine", "compare_tables", "default_preferences", "eval_command",
            "execute_plan", "expected_config", "hypervolume", "order_follows", "pareto_tables", "plan_compare",
            "plan_pareto", "plan_run", "rank_correlation", "read_results", "read_round_records", "reference_point",
            "run_compare", "run_pareto", "run_status", "smoothness", "step_geometry", "summarize_run", "train_command",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from firm.config import EVAL_SEED
-from firm.experiments.plan import PlannedRun, eval_path, run_status
+from firm.experiments.plan import ExperimentError, PlannedRun, base_eval_path, eval_path, run_status
 from firm.rundir import RunDir
 
 LOG_TAIL_LINES = 15
@@ -56,16 +56,41 @@ def train_command(run: PlannedRun, status: str, train_flags: Sequence[str]) -> l
     return base + run.harness_flags() + list(train_flags)
 
 
-def eval_command(run: PlannedRun, num_prompts: int, samples_per_prompt: int = 1) -> list[str]:
-    """`firm eval` of the last round's adapter on the run's held-out prompts, with the run's own
-    rewards and sampling, and the same seed for every run (paired)."""
-    config = run.config
-    return [sys.executable, "-m", "firm.cli", "eval", "--adapter", str(RunDir(run.run_dir).adapter_dir(config.num_rounds)),
-            "--policy", config.policy, "--prompts", config.prompts, "--rewards", config.rewards,
+def eval_flags(config, num_prompts: int, samples_per_prompt: int, json_path: Path) -> list[str]:
+    """`firm eval` flags for the run's held-out prompts, rewards and sampling, with the same seed
+    for every evaluation of an experiment (paired)."""
+    return ["--policy", config.policy, "--prompts", config.prompts, "--rewards", config.rewards,
             "--split", "eval", "--eval-fraction", repr(config.eval_fraction),
-            "--num-prompts", str(num_prompts), "--samples-per-prompt", str(samples_per_prompt), "--max-new-tokens", str(config.max_new_tokens),
-            "--temperature", repr(config.temperature), "--seed", str(EVAL_SEED), "--show-samples", "0",
-            "--json", str(eval_path(run, num_prompts, samples_per_prompt))]
+            "--num-prompts", str(num_prompts), "--samples-per-prompt", str(samples_per_prompt),
+            "--max-new-tokens", str(config.max_new_tokens), "--temperature", repr(config.temperature),
+            "--seed", str(EVAL_SEED), "--show-samples", "0", "--json", str(json_path)]
+
+
+def eval_command(run: PlannedRun, num_prompts: int, samples_per_prompt: int = 1) -> list[str]:
+    """`firm eval` of the last round's adapter on the run's held-out prompts."""
+    adapter = RunDir(run.run_dir).adapter_dir(run.config.num_rounds)
+    return [sys.executable, "-m", "firm.cli", "eval", "--adapter", str(adapter),
+            *eval_flags(run.config, num_prompts, samples_per_prompt, eval_path(run, num_prompts, samples_per_prompt))]
+
+
+def base_eval_command(run: PlannedRun, out: Path, num_prompts: int, samples_per_prompt: int = 1) -> list[str]:
+    """`firm eval` of the untrained policy (no adapter) on the same prompts, samples and seed."""
+    return [sys.executable, "-m", "firm.cli", "eval",
+            *eval_flags(run.config, num_prompts, samples_per_prompt, base_eval_path(out, num_prompts, samples_per_prompt))]
+
+
+def execute_base_eval(run: PlannedRun, out: Path, num_prompts: int, samples_per_prompt: int = 1) -> None:
+    """Score the untrained policy once per experiment; a failure stops the experiment (every
+    run's gain is measured against it)."""
+    if base_eval_path(out, num_prompts, samples_per_prompt).exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "base-eval.log"
+    print(f"scoring the untrained policy on {num_prompts} held-out prompts x {samples_per_prompt} ...", flush=True)
+    returncode = run_logged(base_eval_command(run, out, num_prompts, samples_per_prompt), log_path)
+    if returncode != 0 or not base_eval_path(out, num_prompts, samples_per_prompt).exists():
+        raise ExperimentError(f"`firm eval` of the untrained policy exited with code {returncode}; its log "
+                              f"{log_path} ends:\n{log_tail(log_path)}")
 
 
 def read_harness_record(run_dir: Path) -> dict[str, Any]:
@@ -103,12 +128,17 @@ def execute_eval(run: PlannedRun, num_prompts: int, samples_per_prompt: int = 1)
 
 
 def execute_plan(runs: Sequence[PlannedRun], train_flags: Sequence[str], dry_run: bool = False,
-                 eval_prompts: int = 0, eval_samples: int = 1) -> list[Failure]:
+                 eval_prompts: int = 0, eval_samples: int = 1, out: Path | None = None) -> list[Failure]:
     """Run every planned run in turn (and, with eval_prompts > 0, score its final adapter with
-    eval_samples responses per prompt);
+    eval_samples responses per prompt, and once the untrained policy into ``out``);
     a failed run is reported and the others go on."""
     statuses = [run_status(run) for run in runs]  # settings conflicts stop us before anything runs
     failures = []
+    if eval_prompts and out is not None and runs:
+        if dry_run:
+            print(f"untrained policy: {' '.join(base_eval_command(runs[0], out, eval_prompts, eval_samples))}")
+        else:
+            execute_base_eval(runs[0], out, eval_prompts, eval_samples)
     for index, (run, status) in enumerate(zip(runs, statuses), start=1):
         prefix = f"[{index}/{len(runs)}] {run.describe()}"
         if dry_run:
@@ -139,5 +169,6 @@ def indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-__all__ = ["EVAL_LOG", "Failure", "HARNESS_FILE", "TRAIN_LOG", "eval_command", "execute_eval", "execute_plan",
+__all__ = ["EVAL_LOG", "Failure", "HARNESS_FILE", "TRAIN_LOG", "base_eval_command", "eval_command", "eval_flags",
+           "execute_base_eval", "execute_eval", "execute_plan",
            "execute_run", "log_tail", "read_harness_record", "run_logged", "train_command"]

@@ -8,9 +8,11 @@ num_rounds - 1 rounds. ``--eval-prompts N`` scores the adapter of the last round
 `firm eval` (the same N prompts and sampling seed for every run, so the comparison is paired)
 and uses that instead; both numbers are kept in results.json.
 
-Statistics across seeds are mean and sample standard deviation (ddof = 1). A difference
-between two algorithms counts only where it exceeds the spread: the intervals mean +- std
-of the two do not overlap.
+Statistics across seeds are mean and sample standard deviation (ddof = 1), for the tables.
+Differences between algorithms are not judged by these spreads: `firm compare` and `firm pareto`
+compare paired per-seed differences with firm.stats (paired bootstrap interval, Wilcoxon
+signed-rank with Holm's correction, TOST equivalence inside a margin: fixed in advance per
+metric for compare, 5 % of the baseline's mean for pareto's knob effect).
 
 The hypervolume reference point (unless ``--reference-point`` fixes one) is, per objective,
 the lowest reward that any round of any run of the experiment recorded, minus 1% of that
@@ -32,6 +34,7 @@ import numpy as np
 from firm.config import ALGORITHMS
 from firm.experiments.execute import Failure, read_harness_record
 from firm.experiments.plan import ExperimentError, PlannedRun, eval_path
+from firm.heldout import paired_gain
 from firm.rundir import STATE_FILE, RunDir
 
 REFERENCE_MARGIN_FRACTION = 0.01
@@ -263,12 +266,14 @@ class RunResult:
     run: PlannedRun
     rounds: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None  # `firm eval` of the final adapter, when the harness ran one
 
 
 def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_prompts: int = 0,
-                 eval_samples: int = 1) -> list[RunResult]:
+                 eval_samples: int = 1, base: dict[str, Any] | None = None) -> list[RunResult]:
     """Summaries of the runs that completed all their rounds (failed runs stay out). With
-    eval_prompts > 0 the final reward is the evaluation of the last adapter."""
+    eval_prompts > 0 the final reward is the evaluation of the last adapter, and with ``base``
+    (the untrained policy's evaluation on the same prompts) each run's paired held-out gain."""
     failed = {id(f.run) for f in failures}
     results = []
     for run in runs:
@@ -296,10 +301,12 @@ def read_results(runs: Sequence[PlannedRun], failures: Sequence[Failure], eval_p
             summary["final_reward"] = {name: float(evaluated[name]) for name in summary["objectives"]}
             summary["final_kl"] = float(evaluation["kl"])  # KL and length beside the reward they explain
             summary["final_response_tokens"] = float(evaluation["response_tokens"])
+            if base is not None:
+                summary["heldout_gain"] = paired_gain(base, evaluation)
         summary["final_reward_source"] = (f"firm eval of round {run.config.num_rounds}'s adapter on {eval_prompts} "
                                           f"held-out prompts x {eval_samples} samples" if eval_prompts else "last round record (rollouts of the "
                                           "adapter that round started from)")
-        results.append(RunResult(run, rounds, summary))
+        results.append(RunResult(run, rounds, summary, evaluation if eval_prompts else None))
     names = {tuple(r.summary["objectives"]) for r in results}
     if len(names) > 1:
         raise ExperimentError(f"runs report different objectives: {sorted(names)}")

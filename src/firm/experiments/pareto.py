@@ -167,7 +167,8 @@ def run_pareto(options: ExperimentOptions, algorithms: Sequence[str], betas: Seq
     if len(preferences) < MIN_PREFERENCES:
         print(f"warning: {len(preferences)} preferences; a front needs >= {MIN_PREFERENCES} to say much",
               file=sys.stderr)
-    failures = execute_plan(runs, options.train.flags, dry_run=options.dry_run, eval_prompts=options.eval_prompts,
+    failures = execute_plan(runs, options.train.flags, dry_run=options.dry_run, out=options.out,
+                            eval_prompts=options.eval_prompts,
                             eval_samples=options.eval_samples)
     if options.dry_run:
         return 0

@@ -51,6 +51,7 @@ class ExperimentOptions:
     dry_run: bool  # print the planned runs and commands, run nothing
     command: str  # the command line that reproduces the experiment (written into the report)
     eval_samples: int = 1  # responses sampled per held-out prompt in the final evaluation
+    primary: tuple[tuple[str, str, str], ...] = ()  # (a, b, metric) named before the run: Holm over these only
 
 
 @dataclass
@@ -169,6 +170,13 @@ def eval_path(run: PlannedRun, num_prompts: int, samples_per_prompt: int = 1) ->
     return run.run_dir / f"eval-round-{run.config.num_rounds:03d}-{num_prompts}prompts{samples}.json"
 
 
+def base_eval_path(out: Path, num_prompts: int, samples_per_prompt: int = 1) -> Path:
+    """Where the experiment's one evaluation of the untrained policy lives (same prompts, samples
+    and seed as every run's final evaluation, so each run's gain over it is paired)."""
+    samples = f"-x{samples_per_prompt}" if samples_per_prompt > 1 else ""
+    return out / f"base-eval-{num_prompts}prompts{samples}.json"
+
+
 def warn_seeds(seeds: Sequence[int]) -> None:
     if len(seeds) < MIN_SEEDS_FOR_CLAIMS:
         print(f"warning: {len(seeds)} seed(s): a claim needs >= {MIN_SEEDS_FOR_CLAIMS} seeds (mean and spread); "
@@ -176,5 +184,5 @@ def warn_seeds(seeds: Sequence[int]) -> None:
 
 
 __all__ = ["ExperimentError", "ExperimentOptions", "HARNESS_FLAGS_COMPARE", "HARNESS_FLAGS_PARETO",
-           "MIN_SEEDS_FOR_CLAIMS", "PlannedRun", "TrainSettings", "eval_path", "expected_config", "format_vector",
+           "MIN_SEEDS_FOR_CLAIMS", "PlannedRun", "TrainSettings", "base_eval_path", "eval_path", "expected_config", "format_vector",
            "pareto_group", "plan_compare", "plan_pareto", "plan_run", "run_status", "variant_folder", "warn_seeds"]

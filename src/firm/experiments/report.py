@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 from firm.experiments.execute import TRAIN_LOG, Failure
 from firm.experiments.metrics import (REFERENCE_MARGIN_FRACTION, RunResult, Stat,
                                       add_hypervolumes_and_wall_times, read_results, reference_point)
-from firm.experiments.plan import ExperimentOptions, PlannedRun
+from firm.experiments.plan import ExperimentOptions, PlannedRun, base_eval_path
 
 TablesBuilder = Callable[[Sequence[RunResult], Sequence[float]], tuple[str, dict[str, Any], Callable[[], list[Path]]]]
 """``build(results, reference)`` of one experiment: (its tables as markdown, its entries of
@@ -61,7 +61,9 @@ def finish_experiment(kind: str, options: ExperimentOptions, runs: Sequence[Plan
                       failures: Sequence[Failure], settings: dict[str, Any], build: TablesBuilder) -> int:
     """Read the finished runs of ``compare`` or ``pareto``, score their hypervolumes against
     one reference point, and write tables, results.json and plots; the exit code."""
-    results = read_results(runs, failures, options.eval_prompts, options.eval_samples)
+    base_path = base_eval_path(options.out, options.eval_prompts, options.eval_samples)
+    base = json.loads(base_path.read_text()) if options.eval_prompts and base_path.exists() else None
+    results = read_results(runs, failures, options.eval_prompts, options.eval_samples, base)
     if results:
         names = results[0].summary["objectives"]
         fixed_reference = options.reference_point

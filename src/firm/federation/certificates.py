@@ -46,6 +46,7 @@ import datetime
 import ipaddress
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -220,22 +221,25 @@ def make_node_keys(directory: str | os.PathLike[str], count: int, prefix: str = 
 
 
 def _check_writable(paths: list[Path], overwrite: bool) -> None:
-    """Refuse before writing anything, so a refused call leaves no half-made set behind."""
+    """Refuse before writing anything, so a refused call leaves no half-made set behind. A symbolic
+    link counts as an existing file, even one that points nowhere."""
     if overwrite:
         return
-    existing = [str(path) for path in paths if path.exists()]
+    existing = [str(path) for path in paths if path.exists() or path.is_symlink()]
     if existing:
         raise CertificateError(f"refusing to overwrite {', '.join(existing)} (pass overwrite=True / --overwrite)")
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    """Write `data` to a temporary file with its final mode, then move it into place: a private key
-    is never readable by others, not even for a moment, and no file is ever half written."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600 if private else 0o644)
+    """Write `data` to a fresh temporary file with its final mode, then move it into place: a private
+    key is never readable by others, not even for a moment, and no file is ever half written. The
+    temporary file has a random name and is created with O_EXCL | O_NOFOLLOW (tempfile.mkstemp), so a
+    file or symbolic link planted in the directory can neither receive the key nor be truncated; the
+    final rename replaces a link at `path` itself, never what it points to."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o600 if private else 0o644)  # the mode even if the umask or an old file differed
+        os.fchmod(fd, 0o600 if private else 0o644)  # the mode even if the umask differed
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()

@@ -3,7 +3,8 @@
 Each round it receives the global LoRA adapter and the run's FirmConfig (a ConfigRecord), runs
 the local FIRM update on its own prompt shard and replies with ONE adapter and its metrics. What
 must survive between rounds stays on the node (firm.federation.client_state); what only the node
-decides, its shard and what it may send, is its node config (firm.federation.node).
+decides, its shard, what it may load and send, and its own preference, is its node config
+(firm.federation.node_policy, firm.federation.node_preference).
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from flwr.common.constant import ErrorCode
 from firm.config import FirmConfig
 from firm.errors import FirmError
 from firm.federation.client_state import client_state_dir, restore_state, save_state
-from firm.federation.node import client_shard, samples_allowed
-from firm.federation.protocol import ROUND_KEY, check_metrics, config_from_record, reply_schema
+from firm.federation.flower_logs import quiet_library_warnings
+from firm.federation.node_policy import check_server_models, client_shard, samples_allowed
+from firm.federation.node_preference import config_for_node
+from firm.federation.protocol import (NODE_PROGRESS_DIR_KEY, ROUND_KEY, check_metrics, client_metrics,
+                                      config_from_record, reply_schema)
+from firm.federation.replies import SAMPLE_TEXT_CHARS
 from firm.fsmgda.client import FsmgdaLocalTrainer
 from firm.fsmgda.server import pack_objectives
 from firm.models import MultiObjectiveValueHead, adapter_state, cached_sampler, get_policy, load_adapter_state
+from firm.progress import ClientProgressWriter, client_work
 from firm.rewards import build_rewards
 from firm.trainer import FirmLocalTrainer, summarize
 
@@ -34,6 +40,8 @@ def round_seed(*parts: int) -> int:
 
 def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], context: Context, firm_round: int):
     """The whole client round, independent of messaging (tests call it directly)."""
+    check_server_models(cfg, context.node_config)
+    cfg = config_for_node(cfg, context.node_config)  # the node's own preference, if it states one
     policy, tokenizer = get_policy(cfg)
     load_adapter_state(policy, global_adapter)
     rewards = build_rewards(cfg.reward_specs(), device=str(policy.device))
@@ -47,6 +55,9 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
     restore_state(context, trainer, state_dir, firm_round)
     shard = client_shard(cfg, context.node_config)
     partition_id = int(context.node_config.get("partition-id", 0))
+    if NODE_PROGRESS_DIR_KEY in context.node_config:
+        trainer.progress = ClientProgressWriter(str(context.node_config[NODE_PROGRESS_DIR_KEY]), partition_id,
+                                                firm_round, *client_work(cfg, len(shard), len(rewards)))
     seed = round_seed(cfg.seed, partition_id, firm_round)
     torch.manual_seed(seed)  # generate() samples from torch's global generator
     if isinstance(trainer, FsmgdaLocalTrainer):  # one adapter per objective, packed into one record
@@ -57,12 +68,13 @@ def run_local_update(cfg: FirmConfig, global_adapter: dict[str, torch.Tensor], c
         upload = adapter_state(policy)
     save_state(context, trainer, state_dir, firm_round)
     metrics = summarize(stats, [r.name for r in rewards])
-    metrics["partition-id"] = partition_id
-    metrics["kl_coef"] = float(trainer.kl_controller.value)
+    metrics.update(client_metrics(partition_id, trainer.kl_controller.value, cfg.preference_vector()))
     mismatch = check_metrics(reply_schema(cfg, [r.name for r in rewards]), metrics)
     if mismatch is not None:  # the server would reject this reply: a bug on this side, say it here
         raise RuntimeError(f"this client's reply does not fit the reply schema: {mismatch}")
-    return upload, metrics, stats.samples[: samples_allowed(cfg, context.node_config)]
+    # the server refuses longer texts: cut them here rather than lose the round's update
+    samples = [(p[:SAMPLE_TEXT_CHARS], r[:SAMPLE_TEXT_CHARS]) for p, r in stats.samples]
+    return upload, metrics, samples[: samples_allowed(cfg, context.node_config)]
 
 
 def train_reply(msg: Message, context: Context) -> Message:
@@ -83,15 +95,17 @@ def train_reply(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def make_client_app(node_defaults: dict) -> ClientApp:
-    """A ClientApp whose nodes take ``node_defaults`` as their own node config where Flower's
-    gives none: how `firm train`, which owns every simulated node, states the node-side choices
-    (samples allowed, server-named prompt files allowed)."""
+def make_client_app(node_defaults: dict, per_partition: dict[int, dict] | None = None) -> ClientApp:
+    """A ClientApp whose nodes take ``node_defaults`` (and, by partition id, ``per_partition``) as
+    their own node config where Flower's gives none: how `firm train`, which owns every simulated
+    node, states the node-side choices (samples allowed, server-named prompt files allowed, each
+    node's own preference)."""
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        context.node_config = {**node_defaults, **dict(context.node_config)}
+        own = (per_partition or {}).get(int(context.node_config.get("partition-id", 0)), {})
+        context.node_config = {**node_defaults, **own, **dict(context.node_config)}
         return train_reply(msg, context)
 
     return client
@@ -102,4 +116,5 @@ app = ClientApp()  # a deployed node: its node config alone decides (flower-supe
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    quiet_library_warnings()
     return train_reply(msg, context)

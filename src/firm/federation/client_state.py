@@ -7,7 +7,8 @@ It lives in the node's own directory, one file per round written atomically afte
 next, so ``--resume`` continues it exactly, even after a crash in the middle of a round (round r
 always starts from the latest state saved before round r):
 - a node config ``state-dir=PATH`` (a deployed SuperNode: its own directory);
-- else RUN_DIR/clients/<partition-id>/ when the run directory is on this host (simulation);
+- else RUN_DIR/clients/<partition-id>/ when the run directory is on this host and the node
+  allows it (``allow-server-run-dir``; `firm train`'s simulated nodes do);
 - else Flower's in-memory ``context.state`` (lost when the node restarts).
 """
 
@@ -25,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 
 from firm.config import FirmConfig
 from firm.errors import FirmError
+from firm.federation.node_policy import NODE_ALLOW_SERVER_RUN_DIR_KEY, node_allows
 from firm.federation.protocol import NODE_STATE_DIR_KEY
 from firm.rundir import CONFIG_FILE, RunDir, atomic_write_bytes
 from firm.trainer import FirmLocalTrainer
@@ -47,10 +49,12 @@ def state_file(directory: Path, firm_round: int) -> Path:
 
 def client_state_dir(cfg: FirmConfig, node_config) -> Path | None:
     """Where this node keeps its state: its node config's state-dir, else the run directory's
-    clients/<partition-id>/ when the run directory is on this host; None: in memory only."""
+    clients/<partition-id>/ when the run directory is on this host and the node allows the server
+    to name it; None: in memory only."""
     if NODE_STATE_DIR_KEY in node_config:
         return Path(str(node_config[NODE_STATE_DIR_KEY]))
-    if cfg.run_dir and (Path(cfg.run_dir) / CONFIG_FILE).is_file():
+    server_dir_allowed = node_allows(node_config, NODE_ALLOW_SERVER_RUN_DIR_KEY)
+    if cfg.run_dir and server_dir_allowed and (Path(cfg.run_dir) / CONFIG_FILE).is_file():
         return RunDir(cfg.run_dir).client_dir(int(node_config.get("partition-id", 0)))
     return None
 

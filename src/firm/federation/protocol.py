@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from flwr.app import ConfigRecord
 
@@ -29,9 +30,14 @@ NODE_STATE_DIR_KEY = "state-dir"
 NODE_PROMPTS_KEY = "prompts"
 NODE_SAMPLES_KEY = "sample-responses"
 NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
-# Metrics every reply carries beside the per-objective rewards, as (key, kind): what the trainer's
-# summarize writes (firm.trainer owns those keys) and the two the client app adds.
-REPLY_METRICS = ROUND_METRICS + (("partition-id", "scalar"), ("kl_coef", "scalar"))
+# Where a node reports its progress inside a round (firm.progress; set by `firm train` for its
+# own simulated nodes, whose display reads it).
+NODE_PROGRESS_DIR_KEY = "progress-dir"
+# The metrics the client app adds to what the trainer's summarize writes (firm.trainer owns those
+# keys), as (key, kind); client_metrics fills them.
+CLIENT_METRICS = (("partition-id", "scalar"), ("kl_coef", "scalar"), ("preference", "objectives"))
+# Metrics every reply carries beside the per-objective rewards.
+REPLY_METRICS = ROUND_METRICS + CLIENT_METRICS
 # Per-local-step lists (firm.trainer.PER_STEP_METRICS): their length is the number of steps the
 # client took or skipped times a width (objectives, objective pairs or 1), checked against the counts.
 PER_STEP = -1
@@ -78,7 +84,19 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FirmConfig:
             name = fields[key].name
             if value != getattr(defaults, name):
                 overrides[name] = value
-    return build_config(str(run_config.get(PRESET_KEY, "default")), overrides)
+    try:
+        return build_config(str(run_config.get(PRESET_KEY, "default")), overrides)
+    except ConfigError as err:
+        raise ConfigError(run_config_message(str(err))) from None
+
+
+def run_config_message(message: str) -> str:
+    """A settings error in the run config's own words: its keys are kebab-case (num-rounds, not
+    num_rounds)."""
+    for f in dataclasses.fields(FirmConfig):
+        if "_" in f.name:
+            message = re.sub(rf"\b{f.name}\b", run_config_key(f.name), message)
+    return f"run config: {message}"
 
 
 # ---- what a client reply must look like, from the server's config alone ------------------------
@@ -91,6 +109,12 @@ def objective_names(config: FirmConfig) -> list[str]:
         parsed = parse_reward_spec(spec)
         names.append(read_descriptor(Path(parsed.target))["objective"] if parsed.kind == "fitted" else parsed.label)
     return names
+
+
+def client_metrics(partition_id: int, kl_coef: float, preference: Sequence[float]) -> dict[str, Any]:
+    """CLIENT_METRICS for one reply: the node's partition, its KL coefficient after the round and
+    the preference p its weights were solved toward."""
+    return {"partition-id": partition_id, "kl_coef": float(kl_coef), "preference": list(preference)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +204,7 @@ def check_metrics(schema: ReplySchema, metrics: Mapping[str, Any]) -> str | None
         return f"partition-id must be a whole number >= 0, got {metrics['partition-id']}"
     if metrics["kl_coef"] < 0:
         return f"kl_coef must be >= 0, got {metrics['kl_coef']}"
-    for key in ("lambda_mean", "lambda_last"):
+    for key in ("lambda_mean", "lambda_last", "preference"):
         weights = metrics[key]
         if min(weights) < 0 or abs(sum(weights) - 1.0) > SIMPLEX_TOLERANCE:
             return f"metric {key} is not a probability vector ({weights})"

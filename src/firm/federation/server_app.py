@@ -19,14 +19,21 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import ExitCode, flwr_exit
 from safetensors.torch import load_file
 
 from firm.config import ConfigError, FirmConfig
+from firm.errors import FirmError
+from firm.federation.defence import load_ledger, save_ledger
+from firm.federation.flower_logs import install_app_filters, quiet_library_warnings, short_config_record
 from firm.federation.protocol import config_from_run_config, config_to_record
 from firm.federation.strategy import FederationError, RoundFailed, RoundResult, make_strategy
+from firm.federation.replies import clean_text
+from firm.model_card import finish_adapter
 from firm.models import adapter_state, add_lora, load_adapter_state, load_policy
 from firm.plots import plot_run
-from firm.rundir import STATE_FILE, RunDir, default_run_dir
+from firm.preflight import check_resumed_run
+from firm.rundir import CONFIG_FILE, STATE_FILE, RunDir, default_run_dir
 from firm.tracking import make_reporters
 
 RoundCallback = Callable[[RoundResult], None]
@@ -35,6 +42,8 @@ RoundCallback = Callable[[RoundResult], None]
 # Under `flwr run` the run-dir comes from whoever submits the run; the SuperLink host's operator
 # confines it to one root directory (default: ./runs where the ServerApp process starts).
 RUN_ROOT_ENV = "FIRM_RUN_ROOT"
+# The longest refusal line a `flwr run` log shows.
+REFUSAL_CHARS = 500
 
 
 def confine_run_dir(requested: str, preset: str, root: Path) -> Path:
@@ -67,7 +76,7 @@ def initial_global_model(config: FirmConfig, run: RunDir):
     if last is not None:
         load_adapter_state(peft_model, load_file(str(last / "adapter_model.safetensors")))
     else:
-        run.save_adapter(0, peft_model)
+        run.save_adapter(0, peft_model, finish=lambda folder: finish_adapter(folder, config, 0))
     return peft_model
 
 
@@ -83,13 +92,20 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
     if remaining <= 0:
         return
     peft_model = initial_global_model(config, run)
-    reporters = make_reporters(config.report_to, run.path)
+    try:
+        reporters = make_reporters(config.report_to, run.path, config.to_dict())
+    except ConfigError as err:  # a tracker that cannot start (no wandb login): stop before round 1, say why
+        run.write_state(run.completed_rounds, error=str(err))
+        raise FederationError(str(err)) from None
 
     def on_round_end(result: RoundResult) -> None:
         load_adapter_state(peft_model, result.arrays.to_torch_state_dict())
-        adapter = run.save_adapter(result.round, peft_model)
+        adapter = run.save_adapter(result.round, peft_model, finish=lambda folder: finish_adapter(
+            folder, config, result.round, result.round_record))
         result.round_record["adapter"] = str(adapter.relative_to(run.path))
         run.append_metrics(result.client_records + [result.round_record])
+        if result.ledger is not None:
+            save_ledger(run.path, result.round, result.ledger)
         run.write_state(result.round)
         plot_run(run)
         for reporter in reporters:
@@ -97,10 +113,13 @@ def run_federation(grid: Grid, run: RunDir, on_round: RoundCallback | None = Non
         if on_round is not None:
             on_round(result)
 
-    strategy = make_strategy(config, on_round_end=on_round_end, round_offset=done)
+    strategy = make_strategy(config, on_round_end=on_round_end, round_offset=done,
+                             ledger=load_ledger(run.path, done, config.contribution_budget))
+    train_config = config_to_record(config)
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(peft_model)), num_rounds=remaining,
-                       timeout=config.round_timeout, train_config=config_to_record(config))
+        with short_config_record(len(train_config), str(run.path.resolve() / CONFIG_FILE)):
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(adapter_state(peft_model)), num_rounds=remaining,
+                           timeout=config.round_timeout, train_config=train_config)
     except Exception as err:
         # Keep what was written; record who failed and why, and why the run stopped, so the CLI can say it.
         if isinstance(err, RoundFailed):
@@ -127,12 +146,26 @@ def make_server_app(run_dir: str, on_round: RoundCallback | None = None) -> Serv
     return server
 
 
+def refuse_run(err: FirmError) -> None:
+    """End a `flwr run` on a bad setting: one line and a failed run (non-zero exit, Flower's status
+    FAILED), without a traceback; nothing was written."""
+    flwr_exit(ExitCode.SERVERAPP_EXCEPTION, f"FIRM run refused: {clean_text(err, REFUSAL_CHARS)}")
+
+
+install_app_filters()
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = run_dir_from_run_config(context)
+    quiet_library_warnings()
+    try:
+        run = run_dir_from_run_config(context)
+        if run.completed_rounds > 0:  # a resubmitted run: config.json must still describe what it saved
+            check_resumed_run(run, run.config())
+    except FirmError as err:
+        refuse_run(err)
+        return
     # Under `flwr run` a relative run-dir resolves in the SuperLink's working directory: say where.
     log(INFO, "FIRM run directory: %s", run.path.resolve())
     try:

@@ -12,9 +12,9 @@ filtered out of `firm train`'s output.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from flwr.common.logger import FLOWER_LOGGER
@@ -22,7 +22,10 @@ from flwr.simulation import run_simulation as flwr_run_simulation
 
 from firm.config import FirmConfig
 from firm.federation.client_app import make_client_app
-from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_SAMPLES_KEY
+from firm.federation.flower_logs import SilencedNotices
+from firm.federation.node_policy import NODE_ALLOW_SERVER_MODELS_KEY, NODE_ALLOW_SERVER_RUN_DIR_KEY
+from firm.federation.node_preference import NODE_PREFERENCE_KEY
+from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS_DIR_KEY, NODE_SAMPLES_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import resolve_device
 
@@ -36,20 +39,24 @@ def simulation_backend_config(config: FirmConfig, cpus: int, verbose: bool = Fal
             "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False, "log_to_driver": verbose}}
 
 
-class _DropDeprecationBanner(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`run_simulation` function is deprecated" not in record.getMessage()
-
-
 def run_simulation(config: FirmConfig, run_path: Path, verbose: bool = False,
-                   on_round: RoundCallback | None = None) -> None:
-    """Run the Flower apps on Flower's simulation engine, one client at a time."""
-    banner_filter = _DropDeprecationBanner()
+                   on_round: RoundCallback | None = None, client_progress: Path | None = None,
+                   client_preferences: Mapping[int, str] | None = None) -> None:
+    """Run the Flower apps on Flower's simulation engine, one client at a time. With
+    ``client_progress`` the clients report their steps inside a round there (firm.progress);
+    ``client_preferences`` gives simulated nodes (by partition id) their own preference, as a
+    deployed node's node config would (firm.federation.node_preference)."""
+    banner_filter = SilencedNotices()
     logger = FLOWER_LOGGER
     logger.addFilter(banner_filter)
     try:
         # `firm train` owns every simulated node, so its settings are also the nodes' own choices.
-        client_app = make_client_app({NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true"})
+        node_defaults = {NODE_SAMPLES_KEY: config.sample_responses, NODE_ALLOW_SERVER_PATHS_KEY: "true",
+                         NODE_ALLOW_SERVER_MODELS_KEY: "true", NODE_ALLOW_SERVER_RUN_DIR_KEY: "true"}
+        if client_progress is not None:
+            node_defaults[NODE_PROGRESS_DIR_KEY] = str(client_progress)
+        per_partition = {pid: {NODE_PREFERENCE_KEY: p} for pid, p in (client_preferences or {}).items()}
+        client_app = make_client_app(node_defaults, per_partition)
         flwr_run_simulation(server_app=make_server_app(str(run_path), on_round), client_app=client_app,
                             num_supernodes=config.num_clients,
                             backend_config=simulation_backend_config(config, os.cpu_count() or 1, verbose),

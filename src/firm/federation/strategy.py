@@ -9,16 +9,21 @@ Built on Flower's FedAvg (its message construction and ``start`` loop); what it 
   that trains on its own prompt file.
 - Schema: the reply a client must send (tensor names, shapes and dtype of the global adapter;
   the metric keys and list lengths of firm.federation.protocol.reply_schema, from the server's
-  config) is fixed before any reply arrives. A reply that does not fit, has non-finite values,
-  impossible counts, or an update (L2 distance from the global adapter) above the bound is
-  rejected with its reason; checking a reply never raises.
+  config) is fixed before any reply arrives. A reply that does not fit (its tensors' real bytes
+  included: firm.federation.replies), has non-finite or out-of-bounds values, impossible counts,
+  or an update (L2 distance from the global adapter) above the bound is rejected with its reason;
+  checking a reply never raises. A node that replies twice in a round has none of its replies used.
+- Slow poisoning: each node's cumulative deviation from the others is capped
+  (``contribution_budget``, firm.federation.defence); a reply beyond its node's budget is left out.
 - Update bound: replies beyond it are rejected, not clipped. A reply that far from the global
   adapter is broken or hostile; clipping would still give its direction full weight every round
   and hide it, while rejection leaves the honest average untouched and names the node.
-- Aggregator: fedavg (equal-weight mean), median or trimmed-mean, coordinate-wise, with the
-  rules of Flower's FedMedian (``np.median`` over the stacked replies) and FedTrimmedAvg (its
-  ``trim_mean``). Flower's own aggregate_train methods are not called: they weight metrics by
-  ``num-examples`` and pop the arrays out of the replies.
+- Aggregator: fedavg (equal-weight mean), median or trimmed-mean, coordinate-wise: Flower
+  FedMedian's rule (``np.median`` over the stacked replies), and a trimmed mean that cuts at least
+  one reply at each end of those that arrived (Flower's ``trim_mean`` cuts none of 3). Flower's
+  own aggregate_train methods are not called: they weight metrics by ``num-examples`` and pop the
+  arrays out of the replies. Replies are combined in an order fixed by their content, not their
+  arrival, so a resumed run is bit for bit the run that never stopped.
 - Failures: nodes are sampled from those connected after a bounded wait (``node_wait``); a node
   that answers with an error or not within ``round_timeout`` is recorded with the reason; a round
   with fewer than ``min_clients`` usable replies raises ``RoundFailed`` carrying a record of who
@@ -29,10 +34,11 @@ Built on Flower's FedAvg (its message construction and ``start`` loop); what it 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
-import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any, Callable, Iterable
@@ -42,18 +48,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from firm.config import FirmConfig
+from firm.federation.defence import ContributionLedger, trimmed_mean
 from firm.federation.protocol import ROUND_KEY, ReplySchema, check_metrics, check_samples, reply_schema
+from firm.federation.replies import (ESCAPE_SEQUENCE, REASON_CHARS, clean_text, decode, metrics_problem,
+                                     payload_problem, texts_problem)
 from firm.fsmgda.server import fsmgda_combine, pack_objectives, split_objectives
 from firm.trainer import max_local_steps
 
 # The longest a node's failure reason may be in the one-line stop message (metrics.jsonl keeps it whole).
 SHORT_REASON_CHARS = 240
 # The longest client error kept in the records (Flower's reasons can be whole tracebacks).
-CLIENT_ERROR_CHARS = 500
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+CLIENT_ERROR_CHARS = REASON_CHARS
 
 
 class FederationError(RuntimeError):
@@ -120,29 +127,23 @@ def check_reply(content: RecordDict, expected: dict[str, TensorSpec],
     if extra_records:
         return f"unexpected config record(s) {extra_records[:3]}"
     record = next(iter(content.array_records.values()))
-    got = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
-    if set(got) != set(expected):
-        missing = sorted(set(expected) - set(got))[:2]
-        extra = sorted(set(got) - set(expected))[:2]
+    if set(record) != set(expected):
+        missing = sorted(set(expected) - set(record))[:2]
+        extra = sorted(set(record) - set(expected))[:2]
         return f"adapter tensors do not match the global adapter (missing {missing}, unexpected {extra})"
-    for key, (shape, dtype) in got.items():
-        if shape != tuple(expected[key][0]):
-            return f"adapter tensor {key} has shape {shape}, expected {tuple(expected[key][0])}"
-        if dtype != expected[key][1]:
-            return f"adapter tensor {key} has dtype {dtype}, expected {expected[key][1]}"
-    for key, array in record.items():
-        if not np.all(np.isfinite(array.numpy())):
-            return f"adapter tensor {key} has non-finite values"
+    for key, array in record.items():  # the bytes themselves, not only what they declare
+        reason = payload_problem(key, array, *expected[key])
+        if reason:
+            return reason
     metrics = next(iter(content.metric_records.values()))
-    if schema is None:
-        for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(float(v)) for v in values):
-                return f"metric {key} is not finite ({value})"
-        return None
-    reason = check_metrics(schema, metrics)
-    if reason is None and "samples" in content.config_records:
-        reason = check_samples(schema, content.config_records["samples"])
+    reason = metrics_problem(metrics)
+    if reason is None and schema is not None:
+        reason = check_metrics(schema, metrics)
+    if reason is None and schema is not None and "samples" in content.config_records:
+        samples = content.config_records["samples"]
+        reason = check_samples(schema, samples)
+        for key in ("prompts", "responses"):
+            reason = reason or texts_problem(samples[key], key)
     return reason
 
 
@@ -152,17 +153,12 @@ def l2_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
                                for k in b)))
 
 
-def adapter_drift(records: list[ArrayRecord], average: ArrayRecord) -> list[float]:
-    """L2 distance of each client's adapter from the average adapter."""
-    avg = {k: v.numpy() for k, v in average.items()}
-    return [l2_distance({k: r[k].numpy() for k in avg}, avg) for r in records]
-
-
 def aggregate_arrays(uploads: list[dict[str, np.ndarray]], aggregator: str, trim_fraction: float,
                      dtype: dict[str, np.dtype]) -> dict[str, np.ndarray]:
     """Combine the accepted uploads coordinate-wise, every reply weighted the same: fedavg = mean,
-    median = Flower FedMedian's np.median, trimmed-mean = Flower FedTrimmedAvg's trim_mean. The
-    result has the global adapter's dtypes."""
+    median = Flower FedMedian's np.median, trimmed-mean = the mean less ``trim_count`` replies at
+    each end, sized by the replies that arrived (firm.federation.defence). The result has the
+    global adapter's dtypes."""
     combined = {}
     for key in uploads[0]:
         stacked = np.stack([np.asarray(u[key], dtype=np.float64) for u in uploads])
@@ -171,11 +167,19 @@ def aggregate_arrays(uploads: list[dict[str, np.ndarray]], aggregator: str, trim
         elif aggregator == "median":
             value = np.median(stacked, axis=0)
         elif aggregator == "trimmed-mean":
-            value = trim_mean(stacked, trim_fraction)
+            value = trimmed_mean(stacked, trim_fraction)
         else:
             raise ValueError(f"unknown aggregator {aggregator!r}")
         combined[key] = np.asarray(value, dtype=dtype[key])
     return combined
+
+
+def upload_digest(upload: dict[str, np.ndarray]) -> bytes:
+    """A digest of an upload's tensors (names and bytes), independent of when it arrived."""
+    digest = hashlib.sha256()
+    for key in sorted(upload):
+        digest.update(key.encode() + b"\0" + np.ascontiguousarray(upload[key]).tobytes())
+    return digest.digest()
 
 
 def wait_for_nodes(grid: Grid, want: int, wait_s: float, sleep: Callable[[float], None] = time.sleep,
@@ -194,7 +198,7 @@ def wait_for_nodes(grid: Grid, want: int, wait_s: float, sleep: Callable[[float]
 def client_error_summary(reason: str) -> str:
     """The message of a client's error without Flower's traceback and colour codes: the line
     after Flower's last "Message: ", else the last non-empty line."""
-    text = ANSI_ESCAPE.sub("", reason or "")
+    text = ESCAPE_SEQUENCE.sub("", str(reason or ""))
     if "Message: " in text:
         lines = text.rsplit("Message: ", 1)[1].strip().splitlines()
         summary = lines[0] if lines else ""
@@ -202,12 +206,25 @@ def client_error_summary(reason: str) -> str:
         lines = [line for line in text.splitlines() if line.strip()]
         summary = lines[-1] if lines else ""
     summary = summary.strip().removesuffix("'>").strip()
-    return (summary or "no reason given")[:CLIENT_ERROR_CHARS]
+    return clean_text(summary or "no reason given", CLIENT_ERROR_CHARS)
+
+
+DUPLICATE_REASON = "sent {} replies this round; none is used"
 
 
 def short_reasons(items: list[tuple[int, str]]) -> str:
     return "; ".join(f"node {n}: {r if len(r) <= SHORT_REASON_CHARS else r[:SHORT_REASON_CHARS] + '...'}"
                      for n, r in items)
+
+
+def round_metrics(round_record: dict[str, Any]) -> dict[str, int | float]:
+    """What Flower logs as the round's aggregated MetricRecord: clients, each objective's mean
+    reward, the KL and the mean lambda per objective (the full record goes to metrics.jsonl)."""
+    names = [key.split("/", 1)[1] for key in round_record if key.startswith("reward/")]
+    return {"clients": int(round_record["clients"]),
+            **{f"reward/{name}": float(round_record[f"reward/{name}"]) for name in names},
+            "kl": float(round_record["kl"]),
+            **{f"lambda/{name}": float(x) for name, x in zip(names, round_record["lambda_mean"])}}
 
 
 @dataclass
@@ -216,6 +233,7 @@ class RoundResult:
     arrays: ArrayRecord
     client_records: list[dict[str, Any]]
     round_record: dict[str, Any]
+    ledger: ContributionLedger | None = None  # the defence's state after this round, for the run directory
 
 
 @dataclass
@@ -251,6 +269,7 @@ class FirmFedAvg(FedAvg):
         schema: ReplySchema | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        ledger: ContributionLedger | None = None,
     ):
         # Sampling is done here (configure_train); FIRM evaluates with `firm eval`.
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.min_clients,
@@ -264,6 +283,8 @@ class FirmFedAvg(FedAvg):
         self.clock = clock
         self._global: ArrayRecord | None = None
         self._round = _Round()
+        # each node's cumulative pull away from the others (firm.federation.defence); kept across rounds
+        self.ledger = ContributionLedger(config.contribution_budget) if ledger is None else ledger
 
     # ---- sampling ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -300,20 +321,31 @@ class FirmFedAvg(FedAvg):
         """The L2 distance of each adapter in an upload from the global adapter."""
         return [l2_distance(upload, self.global_arrays())]
 
-    def review(self, msg: Message) -> tuple[str | None, list[float]]:
-        """(why the reply is rejected or None, its update norms). Never raises."""
+    def reference_upload(self) -> dict[str, np.ndarray]:
+        """What a client that did not move would upload (an update is the upload less this)."""
+        return self.global_arrays()
+
+    def flat_updates(self, uploads: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Each upload less the reference upload, as one float64 vector (the defence's view)."""
+        reference = self.reference_upload()
+        flat = np.concatenate([np.asarray(reference[k], np.float64).ravel() for k in reference])
+        return [np.concatenate([np.asarray(u[k], np.float64).ravel() for k in reference]) - flat for u in uploads]
+
+    def review(self, msg: Message) -> tuple[str | None, list[float], dict[str, np.ndarray]]:
+        """(why the reply is rejected or None, its update norms, its decoded tensors). Never raises."""
         try:
             reason = check_reply(msg.content, self.expected_upload(), self.schema)
             if reason is not None:
-                return reason, []
+                return reason, [], {}
             record = next(iter(msg.content.array_records.values()))
-            norms = self.update_norms({k: v.numpy() for k, v in record.items()})
+            upload = {k: decode(v) for k, v in record.items()}
+            norms = self.update_norms(upload)
             bound = self._round.update_bound
             if max(norms) > bound:
-                return f"update norm {max(norms):.4g} exceeds the bound {bound:.4g} (max_update_norm)", norms
-            return None, norms
+                return f"update norm {max(norms):.4g} exceeds the bound {bound:.4g} (max_update_norm)", norms, {}
+            return None, norms, upload
         except Exception as err:  # a reply must never end the round: whatever breaks, reject it
-            return f"unreadable reply ({type(err).__name__}: {err})", []
+            return f"unreadable reply ({type(err).__name__}: {err})", [], {}
 
     def combine(self, averaged: ArrayRecord, client_lambdas: np.ndarray) -> tuple[ArrayRecord, dict[str, Any]]:
         """The new global adapter from the aggregate of the replies, and the round's lambda
@@ -324,8 +356,8 @@ class FirmFedAvg(FedAvg):
     def failed_round_record(self, firm_round: int, failed: list[tuple[int, str]], rejected: list[tuple[int, str]],
                             reason: str) -> dict[str, Any]:
         return {"type": "round-failed", "round": firm_round, "algorithm": self.algorithm, "reason": reason,
-                "failed": [{"node_id": int(n), "reason": r} for n, r in failed],
-                "rejected": [{"node_id": int(n), "reason": r} for n, r in rejected]}
+                "failed": [{"node_id": int(n), "reason": clean_text(r)} for n, r in failed],
+                "rejected": [{"node_id": int(n), "reason": clean_text(r)} for n, r in rejected]}
 
     # ---- one round ------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -335,24 +367,34 @@ class FirmFedAvg(FedAvg):
         failed: list[tuple[int, str]] = []
         rejected: list[tuple[int, str]] = []
         answered: set[int] = set()
+        uploads: list[dict[str, np.ndarray]] = []
+        attributed = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             source = "client error"
             if msg.has_error() and node not in sampled and self._round.destination(msg) is not None:
                 node, source = self._round.destination(msg), "SuperLink"  # an error it sent for a sampled node
-            if node in answered or node not in sampled:
-                rejected.append((node, "a second reply this round" if node in answered else "node was not sampled"))
+            attributed.append((node, source, msg))
+        counts = Counter(node for node, _, _ in attributed)
+        for node, source, msg in attributed:
+            if node not in sampled:
+                rejected.append((node, "node was not sampled"))
                 continue
             answered.add(node)
+            if counts[node] > 1:  # which of them is honest cannot be told: none counts, and it is recorded
+                if (node, DUPLICATE_REASON.format(counts[node])) not in rejected:
+                    rejected.append((node, DUPLICATE_REASON.format(counts[node])))
+                continue
             if msg.has_error():
                 failed.append((node, f"{source}: {client_error_summary(msg.error.reason)}"))
                 continue
-            reason, norms = self.review(msg)
+            reason, norms, upload = self.review(msg)
             if reason is None:
                 valid.append((msg, norms))
+                uploads.append(upload)
             else:
-                rejected.append((node, reason))
-                log(WARNING, "round %s: rejected reply from node %s: %s", firm_round, node, reason)
+                rejected.append((node, clean_text(reason)))
+                log(WARNING, "round %s: rejected reply from node %s: %s", firm_round, node, clean_text(reason))
         for node in sorted(sampled - answered):
             failed.append((node, f"no reply within round_timeout ({self.config.round_timeout:g} s)"))
         for node, reason in failed:
@@ -363,12 +405,18 @@ class FirmFedAvg(FedAvg):
             raise RoundFailed(f"round {firm_round}: {reason} ({detail})",
                               self.failed_round_record(firm_round, failed, rejected, reason))
 
+        # Records keep the arrival order; every float sum runs in an order fixed by the replies'
+        # content, so a resumed run is bit for bit the same as one that never stopped.
+        canonical = sorted(range(len(valid)), key=lambda i: upload_digest(uploads[i]))
         client_arrays = [next(iter(m.content.array_records.values())) for m, _ in valid]
-        uploads = [{k: v.numpy() for k, v in record.items()} for record in client_arrays]
+        limits = self.ledger.limit([int(m.metadata.src_node_id) for m, _ in valid], self.flat_updates(uploads))
+        limited = [uploads[i] for i in canonical if not limits or limits[i].kept]
         dtypes = {k: np.dtype(spec[1]) for k, spec in self.expected_upload().items()}
-        aggregate = aggregate_arrays(uploads, self.config.aggregator, self.config.trim_fraction, dtypes)
+        aggregate = aggregate_arrays(limited, self.config.aggregator, self.config.trim_fraction, dtypes)
         averaged = ArrayRecord({k: Array(v) for k, v in aggregate.items()})
-        distances = adapter_drift(client_arrays, averaged)
+        avg = {k: v.numpy() for k, v in averaged.items()}
+        distances = [l2_distance(upload, avg) for upload in uploads]
+        limit_of = {limit.node: limit for limit in limits}
 
         client_records = []
         lambdas = []
@@ -385,12 +433,17 @@ class FirmFedAvg(FedAvg):
                 "adapter_distance": distance,
                 "update_norm": max(norms),
             }
+            if record["node_id"] in limit_of:  # the slow-poisoning defence's account of this node
+                limit = limit_of[record["node_id"]]
+                record.update({"contribution_kept": int(limit.kept), "contribution_deviation": limit.deviation,
+                               "contribution_cumulative": limit.cumulative, "contribution_budget": limit.budget})
             if "samples" in msg.content.config_records:  # opt-in (--sample-responses)
                 samples = msg.content.config_records["samples"]
                 record["samples"] = [{"prompt": p, "response": r}
                                      for p, r in zip(samples["prompts"], samples["responses"])]
             client_records.append(record)
-        arrays, lambda_stats = self.combine(averaged, np.asarray(lambdas, dtype=np.float64))
+        arrays, lambda_stats = self.combine(averaged, np.asarray([lambdas[i] for i in canonical], dtype=np.float64))
+        ordered = [client_records[i] for i in canonical]
         round_record = {
             "type": "round",
             "round": firm_round,
@@ -399,19 +452,20 @@ class FirmFedAvg(FedAvg):
             "clients": len(valid),
             "failed": [{"node_id": n, "reason": r} for n, r in failed],
             "rejected": [{"node_id": n, "reason": r} for n, r in rejected],
-            **{key: float(np.mean([c[key] for c in client_records]))
+            "left_out": [limit.node for limit in limits if not limit.kept],
+            **{key: float(np.mean([c[key] for c in ordered]))
                for key in self.schema.metrics if key.startswith("reward/")},
-            "kl": float(np.mean([c["kl"] for c in client_records])),
+            "kl": float(np.mean([c["kl"] for c in ordered])),
             **lambda_stats,
-            "adapter_distance": float(np.mean(distances)),
-            "update_norm": float(np.mean([c["update_norm"] for c in client_records])),
+            "adapter_distance": float(np.mean([c["adapter_distance"] for c in ordered])),
+            "update_norm": float(np.mean([c["update_norm"] for c in ordered])),
             "update_bound": self._round.update_bound,
-            "skipped_steps": int(sum(c["skipped_steps"] for c in client_records)),
+            "skipped_steps": int(sum(c["skipped_steps"] for c in ordered)),
             "bytes_down_per_client": self._round.bytes_down,
-            "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in client_records])),
+            "bytes_up_per_client": float(np.mean([c["bytes_up"] for c in ordered])),
         }
-        self.on_round_end(RoundResult(firm_round, arrays, client_records, round_record))
-        return arrays, MetricRecord({"clients": len(valid), "kl": round_record["kl"]})
+        self.on_round_end(RoundResult(firm_round, arrays, client_records, round_record, self.ledger))
+        return arrays, MetricRecord(round_metrics(round_record))
 
 
 # ---- FSMGDA: the server-side multi-gradient baseline (its math: firm.fsmgda.server) --------------
@@ -429,6 +483,9 @@ class FsmgdaFedAvg(FirmFedAvg):
     def expected_upload(self) -> dict[str, TensorSpec]:
         single = super().expected_upload()
         return pack_objectives([single] * self.num_objectives)
+
+    def reference_upload(self) -> dict[str, np.ndarray]:
+        return pack_objectives([self.global_arrays()] * self.num_objectives)
 
     def update_norms(self, upload: dict[str, np.ndarray]) -> list[float]:
         """One norm per objective's adapter."""
