@@ -12,7 +12,8 @@ from rich.console import Console
 
 from firm.config import FirmConfig
 from firm.progress import (ClientProgressWriter, RunProgress, client_work, eta_seconds, format_seconds,
-                           read_client_progress, routed_library_logs, steps_per_rollout)
+                           read_client_progress, routed_library_logs)
+from firm.trainer import steps_per_rollout
 
 ROUND = {"type": "round", "round": 1, "reward/helpful": -1.0, "reward/harmless": 0.5, "kl": 0.01,
          "lambda_mean": [0.3, 0.7], "lambda_std": [0.1, 0.1], "rejected": [], "bytes_up_per_client": 15000.0}

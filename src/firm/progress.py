@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from firm.config import FirmConfig
+from firm.trainer import steps_per_rollout
 
 PROGRESS_FILE_PREFIX = "client-"
 POLL_SECONDS = 0.5
@@ -31,12 +32,6 @@ POLL_SECONDS = 0.5
 ROUTED_LOGGERS = ("flwr", "ray", "py.warnings")
 # Width of piped output: wide enough that a round line is never wrapped.
 PIPE_WIDTH = 400
-
-
-def steps_per_rollout(config: FirmConfig, batch: int) -> int:
-    """Local update steps on one rollout batch of ``batch`` prompts (firm.trainer.ppo_epochs)."""
-    minibatch = max(1, batch // config.num_minibatches)
-    return config.ppo_epochs * len(range(0, batch - minibatch + 1, minibatch))
 
 
 def client_work(config: FirmConfig, shard_size: int, num_objectives: int) -> tuple[int, int]:
@@ -279,4 +274,4 @@ class RunProgress:
 
 
 __all__ = ["ClientProgressWriter", "RunProgress", "client_work", "eta_seconds", "format_seconds",
-           "read_client_progress", "round_line", "routed_library_logs", "steps_per_rollout"]
+           "read_client_progress", "round_line", "routed_library_logs"]

@@ -24,10 +24,10 @@ chosen by constructor arguments: ``merge_lora_for_sampling`` (default on) and
 change the numbers are config fields: ``gram = last-hidden`` (MGDA-UB's approximate weights) and
 ``sampling_dtype = bfloat16`` (rollouts from a bfloat16 copy of the merged policy).
 
-What the trainer owns for the federation: ``max_local_steps`` (the optimiser steps its loop can
-take in a round, from the same ``minibatch_slices`` the loop runs) and the metrics ``summarize``
-writes (``ROUND_METRICS``, ``PER_STEP_METRICS``); firm.federation.protocol builds the reply schema
-from them.
+What the trainer owns for the rest of the package: its step count (``steps_per_rollout`` and
+``max_local_steps``, from the same ``minibatch_slices`` the loop runs; the reply schema, the update
+bound and the progress display count with them) and the metrics ``summarize`` writes
+(``ROUND_METRICS``, ``PER_STEP_METRICS``; firm.federation.protocol builds the reply schema from them).
 """
 
 from __future__ import annotations
@@ -131,11 +131,16 @@ def minibatch_slices(n: int, num_minibatches: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, n - size + 1, size)]
 
 
+def steps_per_rollout(config: FirmConfig, batch: int) -> int:
+    """The optimiser steps ppo_epochs takes on one rollout batch of ``batch`` prompts."""
+    return config.ppo_epochs * len(minibatch_slices(batch, config.num_minibatches))
+
+
 def max_local_steps(config: FirmConfig) -> int:
     """The most optimiser steps one local pass can take in a round: rollouts_per_round batches of
-    n <= rollout_batch_size prompts (a shard may be smaller), ppo_epochs over minibatch_slices."""
-    per_epoch = max(len(minibatch_slices(n, config.num_minibatches)) for n in range(1, config.rollout_batch_size + 1))
-    return config.rollouts_per_round * config.ppo_epochs * per_epoch
+    n <= rollout_batch_size prompts (a shard may be smaller)."""
+    most_per_rollout = max(steps_per_rollout(config, n) for n in range(1, config.rollout_batch_size + 1))
+    return config.rollouts_per_round * most_per_rollout
 
 
 def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], responses: list[str],
