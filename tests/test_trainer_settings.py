@@ -130,24 +130,24 @@ def test_adamw_state_round_trips_through_the_client_state(tiny_llama_config, tin
     round 2 with, whether the state lives in a directory or in Flower's node state."""
     from flwr.app import Context, RecordDict
 
-    from firm.federation.client_state import restore_state, save_state
+    from firm.federation.client_state import optimizer_tensors, restore_state, save_state
 
     config = make_config(optimizer="adamw")
     trainer = make_trainer(wrap(make_base(tiny_llama_config)), tiny_tokenizer, config)
     trainer.train_round(make_prompts(), random.Random(0))
-    saved = trainer.optimizer_tensors()
+    saved = optimizer_tensors(trainer.optimizer)
     assert saved and any(k.endswith(".exp_avg_sq") for k in saved)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     directory = None if in_memory else tmp_path / "client"
     save_state(context, trainer, directory, firm_round=1)
 
     fresh = make_trainer(wrap(make_base(tiny_llama_config)), tiny_tokenizer, config)
-    assert fresh.optimizer_tensors() == {}
+    assert optimizer_tensors(fresh.optimizer) == {}
     restore_state(context, fresh, directory, firm_round=2)
-    restored = fresh.optimizer_tensors()
+    restored = optimizer_tensors(fresh.optimizer)
     assert restored.keys() == saved.keys()
     for key in saved:
         torch.testing.assert_close(restored[key], saved[key], rtol=0, atol=0)
     reset = make_trainer(wrap(make_base(tiny_llama_config)), tiny_tokenizer, make_config(optimizer="adamw-reset"))
     restore_state(context, reset, directory, firm_round=2)
-    assert reset.optimizer_tensors() == {}  # adamw-reset starts every round fresh
+    assert optimizer_tensors(reset.optimizer) == {}  # adamw-reset starts every round fresh

@@ -149,10 +149,6 @@ def score_responses(rewards: Sequence[RewardModel], prompts: Sequence[Prompt], r
     return torch.stack([r.score(list(prompts), responses).float().to(device) for r in rewards], dim=-1)
 
 
-def ignore_progress(phase: str) -> None:
-    """The trainer's progress callback when nobody watches."""
-
-
 class FirmLocalTrainer:
     """Holds one client's model, critic, reward models and optimiser state for a round."""
 
@@ -197,7 +193,7 @@ class FirmLocalTrainer:
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Told "rollout" after each rollout and "update" after each local step (firm.progress).
-        self.progress: Callable[[str], None] = ignore_progress
+        self.progress: Callable[[str], None] = lambda phase: None
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": self.lora_params}, {"params": list(self.value_head.parameters())}]
@@ -207,22 +203,8 @@ class FirmLocalTrainer:
 
     @property
     def keeps_optimizer_state(self) -> bool:
-        """optimizer = adamw: the client keeps AdamW's moments across rounds (saved with its state)."""
+        """optimizer = adamw: the client keeps AdamW's moments across rounds (firm.federation.client_state)."""
         return self.config.optimizer == "adamw"
-
-    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        """AdamW's per-parameter state as flat named tensors ("optimizer.<index>.<name>")."""
-        return {f"optimizer.{index}.{name}": value.detach().cpu().contiguous()
-                for index, state in self.optimizer.state_dict()["state"].items() for name, value in state.items()}
-
-    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-        saved = self.optimizer.state_dict()
-        saved["state"] = state
-        self.optimizer.load_state_dict(saved)  # moves each moment to its parameter's device
 
     # ---- 1. rollout ----------------------------------------------------------------------
     @torch.no_grad()

@@ -59,6 +59,22 @@ def client_state_dir(cfg: FirmConfig, node_config) -> Path | None:
     return None
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state as flat named tensors ("optimizer.<index>.<name>")."""
+    return {f"optimizer.{index}.{name}": value.detach().cpu().contiguous()
+            for index, state in optimizer.state_dict()["state"].items() for name, value in state.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    saved = optimizer.state_dict()
+    saved["state"] = state
+    optimizer.load_state_dict(saved)  # moves each moment to its parameter's device
+
+
 def trainer_state(trainer: FirmLocalTrainer, firm_round: int) -> bytes:
     """The critic, reward statistics and KL controller after ``firm_round``, as one safetensors file."""
     stats = trainer.reward_stats.state_dict()
@@ -66,7 +82,7 @@ def trainer_state(trainer: FirmLocalTrainer, firm_round: int) -> bytes:
     tensors["reward_stats.mean"] = torch.tensor(stats["mean"], dtype=torch.float64)
     tensors["reward_stats.var"] = torch.tensor(stats["var"], dtype=torch.float64)
     if trainer.keeps_optimizer_state:
-        tensors.update(trainer.optimizer_tensors())
+        tensors.update(optimizer_tensors(trainer.optimizer))
     metadata = {"format": STATE_FORMAT, "round": str(firm_round), "reward_count": repr(float(stats["count"])),
                 "kl_controller": json.dumps(trainer.kl_controller.state_dict())}
     return save_safetensors(tensors, metadata=metadata)
@@ -85,7 +101,7 @@ def load_trainer_state(trainer: FirmLocalTrainer, data: bytes, source: str) -> N
                                               "count": float(metadata["reward_count"])})
         trainer.kl_controller.load_state_dict(json.loads(metadata["kl_controller"]))
         if trainer.keeps_optimizer_state:
-            trainer.load_optimizer_tensors({k: v for k, v in tensors.items() if k.startswith("optimizer.")})
+            load_optimizer_tensors(trainer.optimizer, {k: v for k, v in tensors.items() if k.startswith("optimizer.")})
     except (SafetensorError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
         raise ClientStateError(f"client state {source} cannot be read ({type(err).__name__}: {err}); "
                                "move it away to restart this client's state") from None
@@ -109,7 +125,7 @@ def restore_state(context: Context, trainer: FirmLocalTrainer, directory: Path |
     if STATE_VALUE_HEAD in state.array_records:
         trainer.value_head.load_state_dict(state.array_records[STATE_VALUE_HEAD].to_torch_state_dict())
     if trainer.keeps_optimizer_state and STATE_OPTIMIZER in state.array_records:
-        trainer.load_optimizer_tensors(state.array_records[STATE_OPTIMIZER].to_torch_state_dict())
+        load_optimizer_tensors(trainer.optimizer, state.array_records[STATE_OPTIMIZER].to_torch_state_dict())
     if STATE_CLIENT in state.config_records:
         saved = state.config_records[STATE_CLIENT]
         trainer.reward_stats.load_state_dict({"mean": list(saved["reward_mean"]), "var": list(saved["reward_var"]),
@@ -130,7 +146,7 @@ def save_state(context: Context, trainer: FirmLocalTrainer, directory: Path | No
         {name: tensor.cpu() for name, tensor in trainer.value_head.state_dict().items()})
     if trainer.keeps_optimizer_state:
         context.state.array_records[STATE_OPTIMIZER] = ArrayRecord(
-            {k: v.float() if v.dtype == torch.float64 else v for k, v in trainer.optimizer_tensors().items()})
+            {k: v.float() if v.dtype == torch.float64 else v for k, v in optimizer_tensors(trainer.optimizer).items()})
     stats = trainer.reward_stats.state_dict()
     context.state.config_records[STATE_CLIENT] = ConfigRecord({
         "reward_mean": [float(x) for x in stats["mean"]],
