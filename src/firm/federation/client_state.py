@@ -27,10 +27,11 @@ from safetensors.torch import save as save_safetensors
 from firm.config import FirmConfig
 from firm.errors import FirmError
 from firm.federation.node_policy import NODE_ALLOW_SERVER_RUN_DIR_KEY, node_allows
-from firm.federation.protocol import NODE_STATE_DIR_KEY
 from firm.rundir import CONFIG_FILE, RunDir, atomic_write_bytes
 from firm.trainer import FirmLocalTrainer
 
+# A deployed node's own directory for its state (node config: --node-config "state-dir=PATH").
+NODE_STATE_DIR_KEY = "state-dir"
 # Names in Flower's in-memory node state (a node without a state directory).
 STATE_VALUE_HEAD = "firm.value_head"
 STATE_CLIENT = "firm.client_state"

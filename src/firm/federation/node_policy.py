@@ -28,11 +28,14 @@ from typing import Any, Mapping
 
 from firm.config import FirmConfig
 from firm.errors import FirmError
-from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROMPTS_KEY, NODE_SAMPLES_KEY
 from firm.models import EMBEDDED_POLICY
 from firm.partition import training_shards
 from firm.prompts import Prompt, load_prompts
 
+# Node config keys: the node's choices, which the server cannot override.
+NODE_PROMPTS_KEY = "prompts"
+NODE_SAMPLES_KEY = "sample-responses"
+NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
 NODE_ALLOW_SERVER_MODELS_KEY = "allow-server-models"
 NODE_ALLOW_SERVER_RUN_DIR_KEY = "allow-server-run-dir"
 # Node-side consents given by the environment of the node's process (comma-separated keys).

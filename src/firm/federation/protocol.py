@@ -1,6 +1,6 @@
-"""What the ServerApp and the ClientApp agree on: message keys, node-config keys, the reply
-schema and how the run's FirmConfig travels (a ConfigRecord each round; run-config keys under
-`flwr run`).
+"""What the ServerApp and the ClientApp agree on: message keys, the reply schema and how the
+run's FirmConfig travels (a ConfigRecord each round; run-config keys under `flwr run`). What only
+a node decides (its node config) is firm.federation.node_policy's.
 
 Both apps import this module and nothing of each other, as in Flower's examples.
 """
@@ -24,12 +24,6 @@ from firm.trainer import PER_STEP_METRICS, REWARD_PREFIX, ROUND_METRICS, max_loc
 ROUND_KEY = "firm-round"
 # Keys Flower or the server add to the ConfigRecord beside the FirmConfig fields.
 FLOWER_CONFIG_KEYS = ("server-round", ROUND_KEY)
-# A deployed node's own directory for its state (node config: --node-config "state-dir=PATH").
-NODE_STATE_DIR_KEY = "state-dir"
-# Node-side choices (node config keys) the server cannot override.
-NODE_PROMPTS_KEY = "prompts"
-NODE_SAMPLES_KEY = "sample-responses"
-NODE_ALLOW_SERVER_PATHS_KEY = "allow-server-paths"
 # Where a node reports its progress inside a round (firm.progress; set by `firm train` for its
 # own simulated nodes, whose display reads it).
 NODE_PROGRESS_DIR_KEY = "progress-dir"

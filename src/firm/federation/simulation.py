@@ -23,9 +23,10 @@ from flwr.simulation import run_simulation as flwr_run_simulation
 from firm.config import FirmConfig
 from firm.federation.client_app import make_client_app
 from firm.federation.flower_logs import SilencedNotices
-from firm.federation.node_policy import NODE_ALLOW_SERVER_MODELS_KEY, NODE_ALLOW_SERVER_RUN_DIR_KEY
+from firm.federation.node_policy import (NODE_ALLOW_SERVER_MODELS_KEY, NODE_ALLOW_SERVER_PATHS_KEY,
+                                         NODE_ALLOW_SERVER_RUN_DIR_KEY, NODE_SAMPLES_KEY)
 from firm.federation.node_preference import NODE_PREFERENCE_KEY
-from firm.federation.protocol import NODE_ALLOW_SERVER_PATHS_KEY, NODE_PROGRESS_DIR_KEY, NODE_SAMPLES_KEY
+from firm.federation.protocol import NODE_PROGRESS_DIR_KEY
 from firm.federation.server_app import RoundCallback, make_server_app
 from firm.models import resolve_device
 
