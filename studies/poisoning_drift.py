@@ -6,7 +6,7 @@ adapter is the next round's. Nothing here knows how the strategy defends itself,
 script measures any version of the code (run it with that version first on PYTHONPATH).
 
 - Honest clients: update = 0.3 x the update bound (the measured honest updates are 0.26-0.30 of
-  the auto bound, firm.federation.protocol), direction = a per-round direction all honest
+  the auto bound, firm.federation.strategy), direction = a per-round direction all honest
   clients share plus each client's own noise (cosine about 0.5 between two honest clients).
 - Attackers: update = 0.999 x the bound (just inside it), always the same direction u; or the size
   of an honest update (0.3 x), always the same direction.
