@@ -9,10 +9,11 @@ that repeat a word at least three times in a row or use one word for over a quar
 words, against the untrained policy's (the helpful reward is a bag of n-grams, so stuffing
 rewarded words is the cheap way up).
 
-    .venv/bin/python studies/learning_curve.py --out experiments/learning_curve --settings lr1e-3,lr3e-3 \
-        --eval-prompts 36 --eval-samples 4
+    .venv/bin/python studies/learning_curve.py --out experiments/learning_curve --settings lr1e-3 \
+        --eval-prompts 30 --eval-samples 4 --every 2
 
-Runs that finished are reused (a run directory with all rounds), so the study resumes.
+Runs that finished are reused (a run directory with all rounds), so the study resumes; a setting
+given more rounds than its run has continues that run (`firm train --resume --num-rounds`).
 """
 
 from __future__ import annotations
@@ -35,14 +36,11 @@ from firm.rundir import RunDir
 SETTINGS: dict[str, list[str]] = {
     # the default run, for reference: 4 clients x 3 rounds, 8 prompts x 32 tokens, 4 steps a round, lr 3e-4
     "default": [],
-    # 2 clients x 6 rounds, 16 prompts x 24 tokens per batch, 4 PPO epochs x 2 minibatches (8 steps a
-    # round), AdamW kept across rounds, KL 0.01; learning rate 1e-3 or 3e-4
-    "lr1e-3": ["--num-clients", "2", "--num-rounds", "6", "--rollout-batch-size", "16", "--max-new-tokens", "24",
-               "--ppo-epochs", "4", "--num-minibatches", "2", "--learning-rate", "1e-3", "--kl-coef", "0.01",
-               "--optimizer", "adamw"],
-    "lr3e-4": ["--num-clients", "2", "--num-rounds", "6", "--rollout-batch-size", "16", "--max-new-tokens", "24",
-               "--ppo-epochs", "4", "--num-minibatches", "2", "--learning-rate", "3e-4", "--kl-coef", "0.01",
-               "--optimizer", "adamw"],
+    # the `learning` preset: 2 clients x 12 rounds, 16 prompts x 24 tokens per batch, 4 PPO epochs x
+    # 2 minibatches (8 steps a round), lr 1e-3, AdamW kept across rounds, KL 0.01
+    "lr1e-3": ["--preset", "learning"],
+    # the same at lr 3e-4 for 6 rounds
+    "lr3e-4": ["--preset", "learning", "--num-rounds", "6", "--learning-rate", "3e-4"],
 }
 
 
@@ -90,10 +88,15 @@ def study_setting(name: str, flags: list[str], root: Path, prompts: int, samples
     log = root / f"{name}.log"
     state = run_path / "state.json"
     wall_file = run_path / "train_seconds.txt"  # wall time of the training, written once it finished
-    if not state.exists() or RunDir.open(run_path).completed_rounds < RunDir.open(run_path).config().num_rounds:
+    # a resumed run is given the setting's rounds, which may be more than it was started with
+    rounds = flags[flags.index("--num-rounds"):][:2] if "--num-rounds" in flags else []
+    wanted = int(rounds[1]) if rounds else None
+    if not state.exists() or (RunDir.open(run_path).completed_rounds
+                              < (wanted or RunDir.open(run_path).config().num_rounds)):
         start = time.perf_counter()
-        command = [sys.executable, "-m", "firm.cli", "train", "--heldout-prompts", "0"]
-        command += ["--resume", str(run_path)] if state.exists() else ["--run-dir", str(run_path), *flags]
+        command = [sys.executable, "-m", "firm.cli", "train"]  # the study scores adapters itself: no held-out pass
+        command += (["--resume", str(run_path), *rounds] if state.exists()
+                    else ["--run-dir", str(run_path), "--heldout-prompts", "0", *flags])
         if run_logged(command, log) != 0:
             raise SystemExit(f"setting {name}: firm train failed; see {log}")
         previous = float(wall_file.read_text()) if wall_file.exists() else 0.0

@@ -402,6 +402,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Offline rewards that need no trained weights (a quick smoke run).
     "simple-rewards": {"rewards": "relevance,civility"},
+    # Long enough to raise both held-out rewards above the untrained policy on a 2-core CPU
+    # (EXPERIMENTS.md, section 0): 2 clients x 12 rounds, 8 local steps a round at a high learning
+    # rate, AdamW kept across rounds, scored on the whole held-out split.
+    "learning": {
+        "num_clients": 2,
+        "num_rounds": 12,
+        "rollout_batch_size": 16,
+        "max_new_tokens": 24,
+        "ppo_epochs": 4,
+        "num_minibatches": 2,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw",
+        "kl_coef": 0.01,
+        "heldout_prompts": 30,
+        "heldout_samples": 4,
+    },
 }
 
 
