@@ -65,8 +65,8 @@ def run_setting(name: str, args) -> None:
     from flwr.app import Context, RecordDict
 
     from firm.config import FirmConfig
-    from firm.federation.client_app import get_policy, run_local_update
-    from firm.models import adapter_state
+    from firm.federation.client_app import run_local_update
+    from firm.models import adapter_state, get_policy
 
     deadline = float(args.deadline)
     cfg = FirmConfig(**{**SETTINGS[name], "num_rounds": args.rounds, "device": args.device, "seed": args.seed}
