@@ -232,7 +232,7 @@ def test_help_shows_each_default_once(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert text.count("[default: 3]") == 1  # --num-rounds
-    assert "--preset {default,paper,simple-rewards} named set of settings [default: 'default']" in text
+    assert "--preset {default,learning,paper,simple-rewards} named set of settings [default: 'default']" in text
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
