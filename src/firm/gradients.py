@@ -32,7 +32,8 @@ def objective_gradients(losses: torch.Tensor, params: Sequence[torch.Tensor], ba
     rows = []
     for m in range(M):
         grads = torch.autograd.grad(losses[m], list(params), retain_graph=m < M - 1, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(grads, params)]))
     return torch.stack(rows).double()
 
 
