@@ -73,6 +73,15 @@ def _materialize_embedded_policy() -> Path:
     target = cache_root() / EMBEDDED_CACHE_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    # Building the model draws random initial weights from torch's global generator, which the
+    # caller has usually seeded already: without fork_rng the first run on a machine (the one
+    # that fills the cache) would sample differently from every later run with the same seed.
+    with torch.random.fork_rng(devices=[]):
+        _write_embedded_cache(target)
+    return target
+
+
+def _write_embedded_cache(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
@@ -98,7 +107,6 @@ def _materialize_embedded_policy() -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_policy_path(name_or_path: str) -> str:
