@@ -418,7 +418,7 @@ BAD_INPUTS = [
         lambda f: ["pareto", "--out", str(f.root / "exp"), "--preferences", "0.5,0.6;0.2,0.8", "--", *REWARDS],
         "must sum to 1"),
     row("pareto: negative beta", lambda f: ["pareto", "--out", str(f.root / "exp"), "--betas", "-1", "--", *REWARDS],
-        "--betas must be >= 0"),
+        "--betas: beta must be >= 0, got -1.0"),
     row("pareto: reference point of the wrong length",
         lambda f: ["pareto", "--out", str(f.root / "exp"), "--reference-point", "1,2,3", "--", *REWARDS],
         "--reference-point has 3 values but there are 2 objectives"),

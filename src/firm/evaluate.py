@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.utils import CONFIG_NAME
 
 from firm.config import EVAL_SEED, ConfigError, FirmConfig
 from firm.model_card import POLICY_KEY, policy_for_base, read_card
@@ -37,7 +38,7 @@ def infer_policy(adapter: str | None) -> str:
     that hub id was trained on as the embedded, offline weights), else 'embedded'."""
     if adapter is None:
         return "embedded"
-    adapter_config = Path(adapter) / "adapter_config.json"
+    adapter_config = Path(adapter) / CONFIG_NAME
     try:
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
     except (OSError, json.JSONDecodeError, AttributeError) as err:

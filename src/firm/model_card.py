@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_FILE
 
 from firm.config import ConfigError, FirmConfig
 from firm.models import EMBEDDED_GGUF_FILE, EMBEDDED_GGUF_REQUIREMENT, EMBEDDED_HUB_ID, EMBEDDED_POLICY
 
 CARD_FILE = "README.md"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 # The card's front-matter key for the policy spec the run trained on ('embedded', a hub id or a
 # path): the one thing the hub id alone cannot say (the embedded weights are a dequantized GGUF).
 POLICY_KEY = "firm_policy"

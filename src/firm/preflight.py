@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from firm.config import ConfigError, FirmConfig
@@ -31,9 +32,9 @@ from firm.rewards.errors import RewardSpecError
 from firm.rundir import METRICS_FILE, RunDir, RunDirError, split_torn_tail
 from firm.tracking import check_reporters
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_WEIGHTS = (ADAPTER_FILE, "adapter_model.bin")
+# peft owns its file names
+ADAPTER_CONFIG, ADAPTER_FILE = CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+ADAPTER_WEIGHTS = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 

@@ -20,7 +20,7 @@ from firm.config import ALGORITHMS, DEFAULT_PRESET, PARTITIONS
 from firm.experiments import (HARNESS_FLAGS_COMPARE, HARNESS_FLAGS_PARETO, MIN_SEEDS_FOR_CLAIMS, ExperimentError,
                               ExperimentOptions, TrainSettings, default_preferences, expected_config, run_compare,
                               run_pareto)
-from firm.mgda import validate_preference
+from firm.mgda import check_beta, validate_preference
 
 EPILOG = ("Flags after -- go to every `firm train` run, e.g. "
           "-- --num-rounds 3 --num-clients 4 --rewards relevance,civility. The harness sets --run-dir, "
@@ -114,8 +114,11 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 def parse_betas(text: str) -> list[float]:
     betas = parse_floats(text, "betas")
-    if any(b < 0 for b in betas):
-        raise ExperimentError(f"--betas must be >= 0, got {text!r}")
+    for beta in betas:
+        try:
+            check_beta(beta)
+        except ValueError as err:
+            raise ExperimentError(f"--betas: {err} (in {text!r})") from None
     if len(set(betas)) != len(betas):
         raise ExperimentError(f"--betas lists a value twice: {text!r}")
     return betas

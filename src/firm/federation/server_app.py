@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import ExitCode, flwr_exit
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from firm.config import ConfigError, FirmConfig
@@ -74,7 +75,7 @@ def initial_global_model(config: FirmConfig, run: RunDir):
     peft_model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules())
     last = run.last_adapter()
     if last is not None:
-        load_adapter_state(peft_model, load_file(str(last / "adapter_model.safetensors")))
+        load_adapter_state(peft_model, load_file(str(last / SAFETENSORS_WEIGHTS_NAME)))
     else:
         run.save_adapter(0, peft_model, finish=lambda folder: finish_adapter(folder, config, 0))
     return peft_model

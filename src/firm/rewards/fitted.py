@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from peft.utils import CONFIG_NAME
 
 from firm.hh import as_hh_prompt
 from firm.rewards.backbones import BACKBONES, load_base
@@ -123,7 +124,7 @@ def _set_adapter_base_name(directory: Path, descriptor: dict[str, Any]) -> None:
     reachable. A custom base keeps its own path."""
     if descriptor.get("base_path") is not None:
         return
-    config_path = directory / "adapter_config.json"
+    config_path = directory / CONFIG_NAME
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = BACKBONES[descriptor["backbone"]]["hub_id"]
     config_path.write_text(json.dumps(config, indent=2) + "\n")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from firm.config import ALGORITHMS, ConfigError
+from firm.mgda import check_beta
 
 HETEROGENEITY = ("iid", "skewed")
 OPTIMIZERS = ("sgd", "adam")
@@ -119,7 +120,10 @@ class SyntheticConfig:
         if "firm" in names:
             need(len(self.betas) >= 1, "betas is empty (firm runs once per beta)")
         for beta in self.betas:
-            need(math.isfinite(beta) and beta >= 0, f"betas must be finite and >= 0, got {beta}")
+            try:
+                check_beta(beta)
+            except ValueError as err:
+                need(False, f"betas: {err}")
         p = self.preference_vector()
         need(len(p) == self.num_objectives,
              f"preference must have {self.num_objectives} entries (one per objective), got {len(p)}")
