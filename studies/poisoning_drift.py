@@ -36,7 +36,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from firm.config import FirmConfig
+from firm.federation.protocol import REPLY_METRICS, kind_length, objective_names
 from firm.federation.strategy import make_strategy
+from firm.trainer import PER_STEP_METRICS, REWARD_PREFIX
 
 # LoRA-like tensors (8,192 parameters): the defence's statistics need a realistic dimension.
 SHAPES = {"q.lora_A.weight": (16, 128), "q.lora_B.weight": (128, 16), "v.lora_A.weight": (16, 128),
@@ -59,15 +61,34 @@ class Grid:
         return list(self.nodes)
 
 
-def metrics(num_objectives: int = 2) -> dict:
-    """Every metric an honest client of a relevance,civility run sends, with plausible values (4 local steps)."""
-    lam = [1.0 / num_objectives] * num_objectives
-    return {"reward/relevance": 0.1, "reward/civility": 0.2, "kl": 0.5, "response_tokens": 30.0, "lambda_mean": lam,
-            "lambda_last": lam, "grad_cosine": [0.1], "policy_loss": 0.0, "value_loss": 0.5, "approx_kl": 0.01,
-            "clipfrac": 0.0, "steps": 4, "skipped_steps": 0, "num-examples": 8, "partition-id": 0, "kl_coef": 0.05,
-            "preference": lam,
-            "step_lambda": lam * 4, "step_gram_distance": [0.5] * 4, "step_cosine": [0.1] * 4,
-            "step_norm_ratio": [0.9] * 4, "step_taken": [1.0] * 4}
+# Plausible values of an honest client's reply metrics (4 local steps); a key the schema adds later
+# is sent as 0 of its kind, so the replies stay schema-valid whatever the trainer reports.
+PLAUSIBLE = {"kl": 0.5, "response_tokens": 30.0, "grad_cosine": 0.1, "value_loss": 0.5, "approx_kl": 0.01, "steps": 4,
+             "num-examples": 8, "kl_coef": 0.05, "step_gram_distance": 0.5, "step_cosine": 0.1, "step_norm_ratio": 0.9,
+             "step_taken": 1.0}
+
+
+def metrics(config: FirmConfig) -> dict:
+    """Every metric an honest client sends, keys and kinds from their owners (firm.trainer's
+    ROUND_METRICS and PER_STEP_METRICS, firm.federation.protocol's CLIENT_METRICS); lambda and
+    the preference uniform."""
+    names = objective_names(config)
+    uniform = [1.0 / len(names)] * len(names)
+    steps = int(PLAUSIBLE["steps"])
+
+    def value(key: str, kind: str) -> float | list[float]:
+        if kind == "objectives":
+            return list(uniform)
+        if kind == "pairs":
+            return [PLAUSIBLE.get(key, 0.0)] * kind_length(kind, len(names))
+        return PLAUSIBLE.get(key, 0.0)
+
+    out: dict = {f"{REWARD_PREFIX}{name}": 0.1 * (i + 1) for i, name in enumerate(names)}
+    out.update({key: value(key, kind) for key, kind in REPLY_METRICS})
+    for key, kind in PER_STEP_METRICS:
+        one = value(key, kind)
+        out[key] = (one if isinstance(one, list) else [one]) * steps
+    return out
 
 
 def flatten(adapter: dict[str, np.ndarray]) -> np.ndarray:
@@ -87,11 +108,11 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def reply(node: int, adapter: np.ndarray) -> Message:
+def reply(node: int, adapter: np.ndarray, honest_metrics: dict) -> Message:
     instruction = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
                           for k, v in unflatten(adapter).items()})
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics())}), reply_to=instruction)
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(honest_metrics)}), reply_to=instruction)
 
 
 def simulate(aggregator: str, num_clients: int, attackers: int, silent: int, rounds: int, seed: int = 0,
@@ -105,6 +126,7 @@ def simulate(aggregator: str, num_clients: int, attackers: int, silent: int, rou
                                    "aggregator": aggregator, "rewards": "relevance,civility", "rollout_batch_size": 8,
                                    **(settings or {})}).validate()
     strategy = make_strategy(config, on_round_end=lambda result: None, sleep=lambda s: None)
+    reply_metrics = metrics(config)
     nodes = list(range(101, 101 + num_clients))
     hostile, answering = nodes[:attackers], nodes[:num_clients - silent]
     start = np.asarray(rng.normal(scale=0.02, size=dim), np.float32).astype(np.float64)
@@ -120,7 +142,7 @@ def simulate(aggregator: str, num_clients: int, attackers: int, silent: int, rou
                 update = attack_norm * BOUND * attack
             else:
                 update = HONEST_NORM * BOUND * unit(shared * common + unit(rng.normal(size=dim)))
-            replies.append(reply(node, current + update))
+            replies.append(reply(node, current + update, reply_metrics))
         new, _ = strategy.aggregate_train(r, replies)
         current = flatten({k: v.numpy() for k, v in new.items()})
     return float(np.dot(current - start, attack) / BOUND)
