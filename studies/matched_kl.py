@@ -10,8 +10,11 @@ between which the run's held-out KL reaches the target, interpolated linearly re
 response. The common KL defaults to the largest that every run reaches (no extrapolation).
 
 Per algorithm it reports the gain over the untrained policy at that KL, pooled over seeds with a
-prompt-level 95% interval (firm.heldout.pooled_gain), and per seed the paired difference of
-each algorithm from the first one (reference).
+prompt-level 95% interval (firm.heldout.pooled_gain); per seed the paired difference of each
+algorithm from the first one (reference); and the seed-level comparison of the reference with
+each other algorithm at that KL (firm.stats.compare_table on the per-seed mean rewards, with the
+final-reward margin fixed in firm.experiments.compare): exploratory, since the primary
+comparisons of the experiment were named on the final adapters, not at matched KL.
 
     .venv/bin/python studies/matched_kl.py --experiment experiments/decisive_learning --rounds 8,10 \\
         --eval-prompts 30 --eval-samples 4
@@ -31,11 +34,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from firm.experiments.compare import equivalence_margin
 from firm.experiments.execute import eval_flags
 from firm.experiments.plan import base_eval_path
 from firm.heldout import check_paired, pooled_gain, prompt_means
 from firm.rundir import RunDir
-from firm.stats import bootstrap_interval
+from firm.stats import Comparison, bootstrap_interval, compare_table, smallest_wilcoxon_p
 
 
 def first_crossing(kls: Sequence[float], target: float) -> tuple[int, float] | None:
@@ -78,6 +82,30 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], objective: int) -> t
     per_prompt = prompt_means(diff, index)
     low, high = bootstrap_interval(per_prompt)
     return float(per_prompt.mean()), low, high
+
+
+def seed_level_comparisons(at_target: dict[str, dict[int, dict[str, Any]]], reference: str,
+                           names: Sequence[str]) -> list[tuple[Comparison, list[float]]]:
+    """Per other algorithm and objective: the reference's mean held-out reward at matched KL minus
+    the other's, paired by seed over the seeds both reached it, with firm.stats' interval, test
+    and verdict (exploratory: uncorrected), at the final-reward equivalence margin; each with its
+    per-seed differences."""
+    rows = []
+    for other, runs in at_target.items():
+        if other == reference:
+            continue
+        seeds = sorted(set(at_target[reference]) & set(runs))
+        if len(seeds) < 2:
+            continue
+        for name in names:
+            rows.append({"metric": f"final_reward/{name}", "a": reference, "b": other, "better": "higher",
+                         "values_a": [at_target[reference][s]["rewards"][name] for s in seeds],
+                         "values_b": [runs[s]["rewards"][name] for s in seeds],
+                         "margin": equivalence_margin(f"final_reward/{name}"), "primary": False})
+    if not rows:
+        return []
+    differences = [[a - b for a, b in zip(row["values_a"], row["values_b"])] for row in rows]
+    return list(zip(compare_table(rows), differences))
 
 
 def evaluate_round(run: RunDir, round_number: int, prompts: int, samples: int) -> dict[str, Any]:
@@ -153,6 +181,20 @@ def main(argv: list[str] | None = None) -> int:
                      for m in range(len(names))]
             lines.append(f"| {algorithm} | {seed} | " + " | ".join(f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
                                                                    for d, lo, hi in cells) + " |")
+    comparisons = seed_level_comparisons(at_target, reference, names)
+    if comparisons:
+        first = comparisons[0][0]
+        lines += ["", f"## Seed-level comparisons at matched KL, {reference} minus each other algorithm", "",
+                  f"Exploratory (the primary comparisons were named on the final adapters): the per-seed mean "
+                  f"held-out rewards at matched KL, paired by seed; bootstrap 95% interval over seeds, "
+                  f"uncorrected Wilcoxon p, equivalence margin {first.margin:g} (TOST). With n = {first.n} "
+                  f"seeds the smallest possible Wilcoxon p is {smallest_wilcoxon_p(first.n):.3g}.", "",
+                  "| other algorithm | objective | seeds | mean difference [95% CI] | seeds above 0 | p | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for c, differences in comparisons:
+            above = sum(d > 0 for d in differences)
+            lines.append(f"| {c.b} | {c.metric.removeprefix('final_reward/')} | {c.n} | {c.mean_diff:+.4f} "
+                         f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] | {above}/{c.n} | {c.p:.3g} | {c.verdict} |")
     report = "\n".join(lines) + "\n"
     (args.experiment / "matched_kl.md").write_text(report)
     print(report)

@@ -56,3 +56,23 @@ def test_paired_difference_averages_per_prompt(study):
     b = evaluation(3.0, [[0, 0], [0, 0], [0, 0], [0, 0]], 10)
     mean, low, high = study.paired_difference(a, b, objective=0)
     assert mean == 2.0 and low == 2.0 and high == 2.0
+
+
+def test_seed_level_comparisons_pair_the_runs_by_seed(study):
+    def at(rewards):
+        return {"rewards": {"helpful": rewards[0], "harmless": rewards[1]}}
+    # the reference is 0.09-0.1 above on helpful on every one of 6 seeds, and within 0.001 on harmless
+    reference = {s: at((0.3 + 0.01 * s, 0.5)) for s in range(6)}
+    other = {s: at((0.2 + 0.012 * s, 0.5 + (0.001 if s % 2 else -0.001))) for s in range(6)}
+    other[6] = at((9.0, 9.0))  # a seed the reference did not reach: not paired, not used
+    results = study.seed_level_comparisons({"firm": reference, "mgda": other, "alone": {0: at((0, 0))}},
+                                           "firm", ["helpful", "harmless"])
+    assert [(c.b, c.metric) for c, _ in results] == [("mgda", "final_reward/helpful"),
+                                                     ("mgda", "final_reward/harmless")]
+    (helpful, helpful_diffs), (harmless, _) = results
+    assert helpful.n == 6 and helpful.mean_diff == pytest.approx(0.095)
+    assert helpful_diffs == pytest.approx([0.1 - 0.002 * s for s in range(6)])
+    assert helpful.margin == 0.02 and helpful.exploratory
+    assert helpful.p == pytest.approx(2 / 2 ** 6) and helpful.verdict == "confirmed"
+    assert harmless.mean_diff == pytest.approx(0.0) and harmless.verdict == "equivalent"
+    assert study.seed_level_comparisons({"firm": reference}, "firm", ["helpful"]) == []
