@@ -510,6 +510,8 @@ def test_compare_reports_heldout_gains_over_the_untrained_policy_and_primary_com
     table = (tmp_path / "table.md").read_text()
     assert "Held-out gain over the untrained policy" in table and "Primary comparisons" in table
     assert "(6/6)" in table and "exploratory" in table
+    # 6 seeds would allow p < 0.05 for one test, not under Holm over two: the table says so
+    assert "With 6 paired seeds and Holm over 2 comparisons the smallest possible adjusted p is 0.0625" in table
 
 
 def test_primary_comparisons_are_parsed_and_checked(tmp_path: Path):

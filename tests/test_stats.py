@@ -140,3 +140,11 @@ def test_smallest_wilcoxon_p_is_what_scipy_gives_for_all_positive_differences(n)
     d = np.arange(1, n + 1, dtype=float)
     assert smallest_wilcoxon_p(n) == pytest.approx(scipy_stats.wilcoxon(d).pvalue)
     assert (smallest_wilcoxon_p(n) < 0.05) == (n >= 6)
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 8, 9])
+def test_smallest_p_under_holm_over_four_primaries_is_holms_adjustment_of_the_smallest_wilcoxon_p(n):
+    # every primary as strong as n seeds allow: Holm's adjusted p of the best one
+    best = holm([smallest_wilcoxon_p(n)] * 4)
+    assert smallest_wilcoxon_p(n, comparisons=4) == pytest.approx(min(best))
+    assert (smallest_wilcoxon_p(n, comparisons=4) < 0.05) == (n >= 8)

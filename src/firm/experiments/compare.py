@@ -151,10 +151,13 @@ def compare_tables(results: Sequence[RunResult], partitions: Sequence[str], grou
         if primary:
             primaries[partition] = primary_verdicts(in_partition, primary, metrics)
             n = min((c["n"] for c in primaries[partition] if "n" in c), default=0)
+            tested = sum("n" in c and c["metric"] not in DETERMINISTIC_METRICS for c in primaries[partition])
+            smallest = smallest_wilcoxon_p(n, tested)
             text.append("\n### Primary comparisons (named before the run; Holm over these only)\n\n"
-                        + (f"With {n} paired seeds the smallest possible Wilcoxon p is {smallest_wilcoxon_p(n):.3g}: "
+                        + (f"With {n} paired seeds and Holm over {tested} comparisons the smallest possible adjusted "
+                           f"p is {smallest:.3g} ({tested} x the smallest Wilcoxon p, {smallest_wilcoxon_p(n):.3g}): "
                            "no difference can be confirmed or refuted at this size, only shown equivalent.\n\n"
-                           if 0 < n < 6 else "")
+                           if n > 0 and smallest >= 0.05 else "")
                         + markdown_table(["comparison", "metric", "margin", "difference [95% CI] verdict", "reason"],
                                          [[f"{c['a']} vs {c['b']}", c["metric"],
                                            f"{c['margin']:g}" if "margin" in c else "", c["text"],
