@@ -39,7 +39,7 @@ from firm.experiments.execute import eval_flags
 from firm.experiments.plan import base_eval_path
 from firm.heldout import check_paired, pooled_gain, prompt_means
 from firm.rundir import RunDir
-from firm.stats import Comparison, bootstrap_interval, compare_table, smallest_wilcoxon_p
+from firm.stats import Comparison, bootstrap_interval, compare_table, paired_differences, smallest_wilcoxon_p
 
 
 def first_crossing(kls: Sequence[float], target: float) -> tuple[int, float] | None:
@@ -104,7 +104,7 @@ def seed_level_comparisons(at_target: dict[str, dict[int, dict[str, Any]]], refe
                          "margin": equivalence_margin(f"final_reward/{name}"), "primary": False})
     if not rows:
         return []
-    differences = [[a - b for a, b in zip(row["values_a"], row["values_b"])] for row in rows]
+    differences = [paired_differences(row["values_a"], row["values_b"]).tolist() for row in rows]
     return list(zip(compare_table(rows), differences))
 
 

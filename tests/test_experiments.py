@@ -473,7 +473,7 @@ def fake_evaluation(per_response: list[list[float]], samples: int, kl: float = 0
 def test_compare_reports_heldout_gains_over_the_untrained_policy_and_primary_comparisons(tmp_path: Path):
     flags = ["--rewards", "relevance,civility", "--num-rounds", "3"]
     seeds = range(6)
-    primary = "firm vs mgda: final_reward/relevance; firm vs mgda: lambda_drift"
+    primary = "firm vs mgda: final_reward/relevance; firm vs mgda: lambda_drift; firm vs mgda: bytes_up_per_client"
     argv = ["compare", "--out", str(tmp_path), "--algorithms", "firm,mgda", "--partitions", "iid",
             "--seeds", ",".join(map(str, seeds)), "--reference-point", "0,0", "--eval-prompts", "3",
             "--eval-samples", "2", "--primary", primary, "--", *flags]
@@ -499,10 +499,12 @@ def test_compare_reports_heldout_gains_over_the_untrained_policy_and_primary_com
     run_entry = next(r for r in results["runs"] if r["group"] == "firm")
     assert run_entry["heldout_gain"]["relevance"]["pairs"] == 6
     # Holm over the two primary comparisons only: 6 seeds, all one sign: p = 2/64 each, Holm 0.0625
-    first, second = results["primary"]["iid"]
+    first, second, third = results["primary"]["iid"]
     assert (first["metric"], first["a"], first["b"]) == ("final_reward/relevance", "firm", "mgda")
     assert not first["exploratory"] and first["p_holm"] == pytest.approx(2 * 2 / 64)
     assert first["margin"] == 0.02 and second["margin"] == 0.01
+    # a deterministic primary is decided by construction, outside the Holm family
+    assert "by construction" in third["reason"] and not third["holm_tested"] and first["holm_tested"]
     # every other comparison is exploratory (uncorrected), bytes are compared without a test
     verdicts = results["verdicts"]["iid"]["mgda"]
     assert verdicts["hypervolume"]["exploratory"] and verdicts["hypervolume"]["p_holm"] == verdicts["hypervolume"]["p"]
@@ -510,7 +512,7 @@ def test_compare_reports_heldout_gains_over_the_untrained_policy_and_primary_com
     table = (tmp_path / "table.md").read_text()
     assert "Held-out gain over the untrained policy" in table and "Primary comparisons" in table
     assert "(6/6)" in table and "exploratory" in table
-    # 6 seeds would allow p < 0.05 for one test, not under Holm over two: the table says so
+    # 6 seeds would allow p < 0.05 for one test, not under Holm over the two tested: the table says so
     assert "With 6 paired seeds and Holm over 2 comparisons the smallest possible adjusted p is 0.0625" in table
 
 

@@ -111,9 +111,9 @@ def test_holm_corrects_over_the_primary_comparisons_only():
     expected = {first: 2 * raw[first], second: max(2 * raw[first], raw[second])}
     for i, c in enumerate(table):
         if i < 2:
-            assert not c.exploratory and c.p_holm == pytest.approx(min(expected[i], 1.0))
+            assert not c.exploratory and c.holm_tested and c.p_holm == pytest.approx(min(expected[i], 1.0))
         else:  # exploratory: uncorrected, and labelled
-            assert c.exploratory and c.p_holm == c.p and c.reason.startswith("exploratory")
+            assert c.exploratory and not c.holm_tested and c.p_holm == c.p and c.reason.startswith("exploratory")
 
 
 def test_an_absolute_margin_decides_equivalence():
@@ -132,6 +132,10 @@ def test_a_deterministic_metric_needs_no_test():
     assert c.verdict == "confirmed" and "by construction" in c.reason and c.mean_diff == -100
     (same,) = compare_table([{**row, "values_b": [100.0] * 3}])
     assert same.verdict == "equivalent"
+    # decided without a test, so outside the Holm family even when primary; a deterministic
+    # metric whose differences vary is tested, uncorrected, and outside it too
+    varies = compare_table([{**row, "values_b": [200.0, 150.0, 120.0]}])
+    assert not c.holm_tested and not same.holm_tested and not varies[0].holm_tested and varies[0].exploratory
 
 
 @pytest.mark.parametrize("n", [3, 5, 6, 8])

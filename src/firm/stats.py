@@ -109,6 +109,8 @@ class Comparison:
     reason: str
     exploratory: bool = False
     """not one of the comparisons named before the run: p is uncorrected, the verdict a lead"""
+    holm_tested: bool = False
+    """one of the Holm family: a tested (not deterministic) primary comparison; p_holm is adjusted"""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +212,7 @@ def compare_table(rows: Sequence[dict], relative_margin: float = 0.05, alpha: fl
             reason = "exploratory, uncorrected: " + reason.replace("Holm p", "p")
         out.append(Comparison(row["metric"], row["a"], row["b"], row["better"], int(d.size), float(va.mean()),
                               float(vb.mean()), float(d.mean()), ci[0], ci[1], p, p_adj, margin, p_eq,
-                              word, reason, exploratory))
+                              word, reason, exploratory, holm_tested=not exploratory))
     return out
 
 

@@ -151,7 +151,7 @@ def compare_tables(results: Sequence[RunResult], partitions: Sequence[str], grou
         if primary:
             primaries[partition] = primary_verdicts(in_partition, primary, metrics)
             n = min((c["n"] for c in primaries[partition] if "n" in c), default=0)
-            tested = sum("n" in c and c["metric"] not in DETERMINISTIC_METRICS for c in primaries[partition])
+            tested = sum(bool(c.get("holm_tested")) for c in primaries[partition])
             smallest = smallest_wilcoxon_p(n, tested)
             text.append("\n### Primary comparisons (named before the run; Holm over these only)\n\n"
                         + (f"With {n} paired seeds and Holm over {tested} comparisons the smallest possible adjusted "
